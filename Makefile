@@ -1,0 +1,33 @@
+# `make train` and `make test` work on a fresh machine: they create .venv and install the package
+# (pinned by constraints.txt) when missing or when setup.py / constraints.txt change.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# pytest-xdist workers; each emulates 8 CPU devices.
+TEST_WORKERS ?= auto
+PYTEST_ARGS ?=
+
+.PHONY: install test train constraints clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -q tests $(PYTEST_ARGS)
+
+train: install
+	$(BIN)/python scripts/train.py
+
+# Re-pin after a deliberate upgrade: everything installed in .venv except efficientlm itself.
+constraints: install
+	{ sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable; } \
+	  > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,3 @@
+"""efficientlm: efficient Transformer language models in JAX/Flax."""
+
+__version__ = '0.1.0'

@@ -1,0 +1,1 @@
+"""Checkpoint importers and exporters (T5X, Hugging Face)."""

@@ -1,0 +1,1 @@
+"""Transformer building blocks, each parameter annotated with logical axis names."""

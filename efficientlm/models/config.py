@@ -1,0 +1,79 @@
+"""The one dataclass that describes a Transformer network (bound by the model gins)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+POSITION_EMBEDDINGS = ('relative', 'rotary')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_with_no_batch_dims')
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Network hyperparameters. Defaults are T5.1.1 conventions; the gins set the sizes."""
+
+  vocab_size: int = 32128
+  emb_dim: int = 512
+  num_heads: int = 8
+  head_dim: int = 64
+  num_kv_heads: int | None = None  # None: multi-head; 1: multi-query; else grouped-query
+  mlp_dim: int = 2048
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  mlp_activations: tuple[str, ...] = ('gelu', 'linear')
+  dropout_rate: float = 0.0
+  dtype: str = 'bfloat16'  # activations
+  param_dtype: str = 'float32'
+  layer_norm_epsilon: float = 1e-6
+  # Output logits: tied to the token embedding (original T5, GPT) or a separate logits_dense.
+  logits_via_embedding: bool = False
+  scale_tied_logits: bool = True  # multiply tied logits by emb_dim**-0.5 (original T5)
+  # T5 draws embeddings from N(0, 1), right for untied or scaled logits; tied unscaled logits
+  # (GPT) need a small table (GPT-2/3 use 0.02) or the first logits have std sqrt(emb_dim).
+  embedding_init_stddev: float = 1.0
+  position_embedding: str = 'relative'
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  rotary_max_wavelength: float = 10_000.0
+  # False: 1/sqrt(head_dim) is folded into the query init (T5). True: applied at run time.
+  scale_attention_logits: bool = False
+  float32_attention_logits: bool = True
+  one_hot_embedding: bool = False
+  scan_layers: bool = False
+  remat_policy: str = 'none'
+
+  def __post_init__(self):
+    # gin passes lists; keep the dataclass hashable.
+    object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
+    kv = self.num_kv_heads or self.num_heads
+    checks = [
+        (self.position_embedding in POSITION_EMBEDDINGS,
+         f'position_embedding {self.position_embedding!r} not in {POSITION_EMBEDDINGS}'),
+        (self.remat_policy in REMAT_POLICIES,
+         f'remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}'),
+        (kv > 0 and self.num_heads % kv == 0,
+         f'num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}'),
+        (self.position_embedding != 'rotary' or self.head_dim % 2 == 0,
+         f'rotary embeddings need an even head_dim, got {self.head_dim}'),
+        (0.0 <= self.dropout_rate < 1.0, f'dropout_rate {self.dropout_rate} not in [0, 1)'),
+    ]
+    for name in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim'):
+      checks.append((getattr(self, name) > 0, f'{name} must be positive'))
+    for ok, message in checks:
+      if not ok:
+        raise ValueError(f'TransformerConfig: {message}.')
+    for name in ('dtype', 'param_dtype'):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError as e:
+        raise ValueError(f'TransformerConfig.{name}: unknown dtype {getattr(self, name)!r}.') from e
+
+  @property
+  def activation_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)

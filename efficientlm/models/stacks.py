@@ -1,0 +1,110 @@
+"""Encoder and decoder stacks: embeddings in, layers, final norm, logits out."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efficientlm import partitioning
+from efficientlm.layers import masks
+from efficientlm.layers.dense import DenseGeneral, Embed
+from efficientlm.layers.position import RelativePositionBias
+from efficientlm.models.config import TransformerConfig
+from efficientlm.models.transformer import (DecoderLayer, EncoderLayer, norm, residual_dropout,
+                                            stack_layers)
+
+_HIDDEN = ('batch', 'length', 'embed')
+
+
+def default_positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
+  if positions is not None:
+    return positions
+  return jnp.broadcast_to(jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)
+
+
+def position_bias(cfg: TransformerConfig, positions: jax.Array, bidirectional: bool):
+  """The stack's shared T5 relative position bias (None with rotary embeddings)."""
+  if cfg.position_embedding != 'relative':
+    return None
+  return RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
+                              cfg.relative_attention_max_distance, dtype=cfg.activation_dtype,
+                              param_dtype=cfg.weight_dtype, name='relpos_bias')(
+                                  positions, positions, bidirectional)
+
+
+def embed(cfg: TransformerConfig, embedder: Embed, tokens: jax.Array, deterministic: bool):
+  x = embedder(tokens).astype(cfg.activation_dtype)
+  return partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
+
+
+class Encoder(nn.Module):
+  config: TransformerConfig
+  shared_embedding: Embed
+
+  @nn.compact
+  def __call__(self, tokens, segment_ids=None, positions=None, deterministic=True):
+    cfg = self.config
+    positions = default_positions(tokens, positions)
+    x = embed(cfg, self.shared_embedding, tokens, deterministic)
+    valid = tokens > 0
+    mask = masks.combine_masks(
+        masks.make_attention_mask(valid, valid),
+        None if segment_ids is None else masks.make_segment_mask(segment_ids, segment_ids))
+    bias = position_bias(cfg, positions, bidirectional=True)
+    x = stack_layers(EncoderLayer, cfg.num_encoder_layers, cfg, x, (mask, bias, positions),
+                     deterministic=deterministic)
+    x = norm(cfg, 'encoder_norm')(x)
+    return partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
+
+
+class Decoder(nn.Module):
+  """Causal decoder; with `cross_attention` it attends to an encoder (T5), else decoder-only."""
+
+  config: TransformerConfig
+  shared_embedding: Embed
+  cross_attention: bool = True
+
+  @nn.compact
+  def __call__(self,
+               decoder_input_tokens,
+               decoder_target_tokens=None,
+               encoded=None,
+               encoder_decoder_mask=None,
+               segment_ids=None,
+               positions=None,
+               causal_attention=None,
+               deterministic=True):
+    cfg = self.config
+    if self.cross_attention and encoded is None:
+      raise ValueError('An encoder-decoder Decoder needs the encoder output.')
+    positions = default_positions(decoder_input_tokens, positions)
+    x = embed(cfg, self.shared_embedding, decoder_input_tokens, deterministic)
+    # Without targets every position counts as real (no padding mask).
+    targets = decoder_target_tokens
+    if targets is None:
+      targets = jnp.ones_like(decoder_input_tokens)
+    mask = masks.make_decoder_mask(targets, segment_ids, causal_attention)
+    # With prefix-LM masking the bias stays causal-bucketed, as in T5X's decoder-only models.
+    bias = position_bias(cfg, positions, bidirectional=False)
+    args = (mask, bias, positions)
+    if self.cross_attention:
+      args += (encoded, encoder_decoder_mask)
+    x = stack_layers(DecoderLayer, cfg.num_decoder_layers, cfg, x, args,
+                     deterministic=deterministic, cross_attention=self.cross_attention)
+    x = norm(cfg, 'decoder_norm')(x)
+    x = partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
+    if cfg.logits_via_embedding:
+      logits = self.shared_embedding.attend(x)
+      if cfg.scale_tied_logits:
+        logits = logits * jnp.asarray(cfg.emb_dim**-0.5, logits.dtype)
+    else:
+      logits = DenseGeneral(cfg.vocab_size, ('embed', 'vocab'), dtype=cfg.activation_dtype,
+                            param_dtype=cfg.weight_dtype, name='logits_dense')(x)
+    return partitioning.constrain(logits, ('batch', 'length', 'vocab'))
+
+
+def token_embedder(cfg: TransformerConfig) -> Embed:
+  return Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.activation_dtype,
+               param_dtype=cfg.weight_dtype, one_hot=cfg.one_hot_embedding,
+               embedding_init=nn.initializers.normal(stddev=cfg.embedding_init_stddev))

@@ -1,0 +1,67 @@
+"""Small shared test helpers: random batches and model construction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from efficientlm import partitioning
+from efficientlm.models.config import TransformerConfig
+from efficientlm.models.decoder_only import DecoderOnly
+from efficientlm.models.encoder_decoder import EncoderDecoder
+from efficientlm.models.model import DecoderOnlyModel, EncoderDecoderModel
+
+TINY_T5 = TransformerConfig(vocab_size=64, emb_dim=16, num_heads=4, head_dim=8, mlp_dim=32,
+                            num_encoder_layers=2, num_decoder_layers=2, dtype='float32')
+TINY_DECODER = TransformerConfig(vocab_size=64, emb_dim=16, num_heads=4, num_kv_heads=2,
+                                 head_dim=8, mlp_dim=32, num_encoder_layers=0,
+                                 num_decoder_layers=2, mlp_activations=('gelu',),
+                                 position_embedding='rotary', scale_attention_logits=True,
+                                 logits_via_embedding=True, scale_tied_logits=False,
+                                 embedding_init_stddev=0.02,
+                                 dtype='float32')
+
+
+def t5_model(**overrides) -> EncoderDecoderModel:
+  return EncoderDecoderModel(EncoderDecoder(dataclasses.replace(TINY_T5, **overrides)))
+
+
+def decoder_model(**overrides) -> DecoderOnlyModel:
+  return DecoderOnlyModel(DecoderOnly(dataclasses.replace(TINY_DECODER, **overrides)))
+
+
+def tokens(rng: np.random.Generator, shape, vocab: int, low: int = 2) -> np.ndarray:
+  return rng.integers(low, vocab, size=shape, dtype=np.int32)
+
+
+def lm_batch(seed: int, batch: int, length: int, vocab: int) -> dict[str, np.ndarray]:
+  """Decoder-only batch: inputs are targets shifted right (0 = start), with some padding."""
+  rng = np.random.default_rng(seed)
+  targets = tokens(rng, (batch, length), vocab)
+  targets[0, length - 3:] = 0
+  inputs = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
+  return {'decoder_input_tokens': inputs, 'decoder_target_tokens': targets,
+          'decoder_loss_weights': (targets > 0).astype(np.float32)}
+
+
+def seq2seq_batch(seed: int, batch: int, inputs_len: int, targets_len: int,
+                  vocab: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  enc = tokens(rng, (batch, inputs_len), vocab)
+  enc[-1, inputs_len // 2:] = 0
+  out = lm_batch(seed + 1, batch, targets_len, vocab)
+  out['encoder_input_tokens'] = enc
+  return out
+
+
+def init_params(model, batch, seed: int = 0):
+  return partitioning.unbox(model.init(jax.random.key(seed), batch)['params'])
+
+
+def bump(batch, feature: str, index, vocab: int) -> dict:
+  """A copy of `batch` whose `feature` tokens at `index` change to another in-vocab token."""
+  tokens = np.array(batch[feature])
+  tokens[index] = (tokens[index] - 2 + 1) % (vocab - 2) + 2
+  return dict(batch, **{feature: tokens})
