@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
-import gin
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
@@ -104,7 +103,6 @@ def get_rules(rules: str | AxisRules) -> AxisRules:
 # Mesh construction.
 
 
-@gin.configurable
 def create_mesh(mesh_shape: Sequence[int] = (-1,),
                 axis_names: Sequence[str] = ('data',),
                 devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -231,7 +229,6 @@ def logical_axes(boxed_tree) -> Any:
   return jax.tree_util.tree_map_with_path(names, boxed_tree, is_leaf=_is_box)
 
 
-@gin.configurable
 @dataclasses.dataclass
 class Partitioner:
   """Owns a mesh and a rules preset: shardings for parameters and batches, and sharded init."""

@@ -65,3 +65,21 @@ def bump(batch, feature: str, index, vocab: int) -> dict:
   tokens = np.array(batch[feature])
   tokens[index] = (tokens[index] - 2 + 1) % (vocab - 2) + 2
   return dict(batch, **{feature: tokens})
+
+
+def intermediate_shapes(fn, *args) -> set[tuple[int, ...]]:
+  """Shapes of every value in the jaxpr of fn, sub-jaxprs (pjit, custom_jvp, ...) included."""
+  shapes = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return shapes

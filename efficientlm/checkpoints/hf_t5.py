@@ -53,8 +53,7 @@ def _attention(t: Mapping[str, np.ndarray], prefix: str) -> dict:
 def _mlp(t: Mapping[str, np.ndarray], prefix: str, cfg: TransformerConfig) -> dict:
   names = ['wi'] if len(cfg.mlp_activations) == 1 else [
       f'wi_{i}' for i in range(len(cfg.mlp_activations))]
-  out = {n: {'kernel': t[f'{prefix}.DenseReluDense.{n}.weight'].T} for n in names + ['wo']}
-  return out
+  return {n: {'kernel': t[f'{prefix}.DenseReluDense.{n}.weight'].T} for n in names + ['wo']}
 
 
 def params_from_hf(t: Mapping[str, np.ndarray], cfg: TransformerConfig) -> dict:

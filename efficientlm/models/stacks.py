@@ -18,9 +18,11 @@ _HIDDEN = ('batch', 'length', 'embed')
 
 
 def default_positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
+  """Given positions ([batch, len], packed data), else [1, len]: the row broadcasts, so the
+  relative position bias stays [1, heads, len, len] instead of one copy per example."""
   if positions is not None:
     return positions
-  return jnp.broadcast_to(jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)
+  return jnp.arange(tokens.shape[-1], dtype=jnp.int32)[None]
 
 
 def position_bias(cfg: TransformerConfig, positions: jax.Array, bidirectional: bool):

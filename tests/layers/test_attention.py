@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from efficientlm.layers.attention import MultiHeadAttention, dot_product_attention
+from tests import helpers
 
 
 def numpy_attention(q, k, v, mask=None, bias=None):
@@ -68,31 +69,13 @@ def test_grouped_and_multi_query_equal_multi_head_with_copied_kv(kv_heads, rotar
                              mha.apply({'params': mha_params}, *args), rtol=1e-5, atol=1e-5)
 
 
-def _intermediate_shapes(fn, *args) -> set[tuple[int, ...]]:
-  """Shapes of every value in the jaxpr of fn, sub-jaxprs (pjit, custom_jvp, ...) included."""
-  shapes = set()
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (tuple, list)) else (param,):
-          if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            walk(sub.jaxpr)
-          elif isinstance(sub, jax.extend.core.Jaxpr):
-            walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return shapes
-
-
 def _repeated_kv_shapes(attention_fn):
   b, lq, lk, heads, kv_heads, d = 2, 5, 7, 8, 2, 4
   q = jnp.ones((b, lq, heads, d))
   k = v = jnp.ones((b, lk, kv_heads, d))
   grads = jax.grad(lambda q, k, v: attention_fn(q, k, v).sum(), argnums=(0, 1, 2))
   # A repeated K or V has the key length and the full query-head count.
-  return [s for s in _intermediate_shapes(grads, q, k, v) if lk in s and heads in s and d in s]
+  return [s for s in helpers.intermediate_shapes(grads, q, k, v) if lk in s and heads in s and d in s]
 
 
 def test_kv_heads_are_never_repeated_in_memory():

@@ -110,6 +110,17 @@ def test_scanned_t5_equals_unrolled():
                              model.logits(params, batch), rtol=1e-5, atol=1e-6)
 
 
+def test_relative_position_bias_is_not_copied_per_example():
+  model = helpers.t5_model()
+  batch = helpers.seq2seq_batch(0, 8, 6, 5, 64)
+  params = helpers.init_params(model, batch)
+  shapes = helpers.intermediate_shapes(lambda p: model.logits(p, batch), params)
+  heads = model.module.config.num_heads
+  assert (1, heads, 6, 6) in shapes and (1, heads, 5, 5) in shapes
+  per_example = [(8, heads, q, k) for q, k in ((6, 6), (5, 5))]
+  assert not [s for s in shapes if s in per_example], 'bias copied per example'
+
+
 def test_bfloat16_activations_stay_close_to_float32():
   batch = helpers.seq2seq_batch(2, 2, 5, 4, 64)
   model32 = helpers.t5_model()
