@@ -19,8 +19,7 @@ TINY_DECODER = TransformerConfig(vocab_size=64, emb_dim=16, num_heads=4, num_kv_
                                  head_dim=8, mlp_dim=32, num_encoder_layers=0,
                                  num_decoder_layers=2, mlp_activations=('gelu',),
                                  position_embedding='rotary', scale_attention_logits=True,
-                                 logits_via_embedding=True, scale_tied_logits=False,
-                                 embedding_init_stddev=0.02,
+                                 logits_via_embedding=True, scale_tied_logits=True,
                                  dtype='float32')
 
 

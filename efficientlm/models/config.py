@@ -29,10 +29,9 @@ class TransformerConfig:
   layer_norm_epsilon: float = 1e-6
   # Output logits: tied to the token embedding (original T5, GPT) or a separate logits_dense.
   logits_via_embedding: bool = False
-  scale_tied_logits: bool = True  # multiply tied logits by emb_dim**-0.5 (original T5)
-  # T5 draws embeddings from N(0, 1), right for untied or scaled logits; tied unscaled logits
-  # (GPT) need a small table (GPT-2/3 use 0.02) or the first logits have std sqrt(emb_dim).
-  embedding_init_stddev: float = 1.0
+  # Multiply tied logits by emb_dim**-0.5 (original T5). Embeddings start at N(0, 1) and every
+  # layer at unit scale, so without it tied logits start with std sqrt(emb_dim).
+  scale_tied_logits: bool = True
   position_embedding: str = 'relative'
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128

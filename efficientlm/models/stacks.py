@@ -108,5 +108,4 @@ class Decoder(nn.Module):
 
 def token_embedder(cfg: TransformerConfig) -> Embed:
   return Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.activation_dtype,
-               param_dtype=cfg.weight_dtype, one_hot=cfg.one_hot_embedding,
-               embedding_init=nn.initializers.normal(stddev=cfg.embedding_init_stddev))
+               param_dtype=cfg.weight_dtype, one_hot=cfg.one_hot_embedding)
