@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Where `make train` writes its run (resumed if it exists).
+TRAIN_DIR ?= runs/recall_tiny
 # pytest-xdist workers; each emulates 8 CPU devices.
 TEST_WORKERS ?= auto
 PYTEST_ARGS ?=
@@ -15,14 +17,14 @@ install: $(STAMP)
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[data,test]'
 	touch $@
 
 test: install
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) -q tests $(PYTEST_ARGS)
 
 train: install
-	$(BIN)/python scripts/train.py
+	$(BIN)/python -m efficientlm.main --gin_file=runs/recall_tiny.gin --gin.MODEL_DIR="'$(TRAIN_DIR)'"
 
 # Re-pin after a deliberate upgrade: everything installed in .venv except efficientlm itself.
 constraints: install

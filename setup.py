@@ -26,6 +26,7 @@ setuptools.setup(
         'tensorstore>=0.1.86',
         'numpy>=2.0',
         'safetensors>=0.4',  # Hugging Face checkpoints
+        'tensorboardX>=2.6',  # TensorBoard event files without importing TensorFlow
     ],
     extras_require={
         # Only efficientlm/data imports these (lazily).

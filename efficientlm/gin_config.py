@@ -7,17 +7,36 @@ functions and dataclasses are configured without decorators.
 
 from __future__ import annotations
 
-# gin-config 0.5.0's resource_reader calls importlib.util without importing it; without this
-# every lookup through a search path fails with AttributeError.
-import importlib.util  # pylint: disable=unused-import
 import logging
 import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import gin
+from gin import config as gin_lib
+from gin import resource_reader
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
+
+
+def _lookup_never_raises(exists):
+  def safe(path):
+    try:
+      return exists(path)
+    except Exception:  # pylint: disable=broad-except
+      return False
+
+  return safe
+
+
+# gin-config 0.5.0 also tries every gin path as a Python package resource and crashes doing so:
+# it calls importlib.util without importing it, and a directory in the working directory named
+# like a config folder (say `runs/`) is a namespace package without a file, which it cannot
+# handle. Our configs are found through search paths, so a failed package lookup means "not
+# there" and the next location is tried.
+gin_lib._FILE_READERS[:] = [  # pylint: disable=protected-access
+    (reader, _lookup_never_raises(exists) if exists is resource_reader.system_path_file_exists
+     else exists) for reader, exists in gin_lib._FILE_READERS]  # pylint: disable=protected-access
 
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),

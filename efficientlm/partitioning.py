@@ -271,17 +271,26 @@ class Partitioner:
     return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.param_specs(boxed_tree),
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
+  def abstract_params(self, init_fn: Callable[..., Any], *args) -> tuple[Any, Any]:
+    """(unboxed ShapeDtypeStructs carrying their shardings, the shardings) of `init_fn(*args)`.
+
+    Traced outside the mesh, so a parameter the mesh cannot split is reported by name before
+    any activation constraint is seen. Nothing is allocated.
+    """
+    boxed = jax.eval_shape(init_fn, *args)
+    shardings = self.param_shardings(boxed)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            unbox(boxed), shardings)
+    return abstract, shardings
+
   def sharded_init(self, init_fn: Callable[..., Any], *args) -> tuple[Any, Any, Any]:
     """Runs `init_fn(*args)` (returning boxed variables) directly into sharded buffers.
 
     Returns (variables, shardings, logical axes), the variables unboxed. Shapes come from
     jax.eval_shape first, so the full tree never exists on one device.
     """
-    # Shapes first, outside the mesh: a parameter the mesh cannot split is then reported by
-    # name before any activation constraint is traced.
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = self.param_shardings(abstract)
-    axes = logical_axes(abstract)
+    _, shardings = self.abstract_params(init_fn, *args)
+    axes = logical_axes(jax.eval_shape(init_fn, *args))
     with self.context():
       variables = jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return variables, shardings, axes

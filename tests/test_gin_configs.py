@@ -2,6 +2,7 @@
 
 import math
 
+import gin
 import jax
 import pytest
 
@@ -22,21 +23,48 @@ def test_configs_are_shipped():
   assert any(p.startswith('meshes/') for p in SHIPPED)
 
 
+# Run gins are used after a model gin (except recall_tiny, which includes its own) with their
+# required macros bound.
+RUN_MACROS = ["MODEL_DIR = '/tmp/run'", "RESTORE_PATH = '/tmp/pretrained'",
+              "CHECKPOINT_PATH = '/tmp/run/checkpoints'"]
+# What each run mode's function receives from the run gins, built here short of running it.
+RUN_ARGUMENTS = ('trainer.train.train_dataset', 'trainer.train.eval_dataset',
+                 'trainer.train.optimizer', 'evaluation.evaluate.eval_dataset')
+
+
+def _parse_shipped(path: str) -> None:
+  if not path.startswith('runs/'):
+    gin_config.parse([path])
+  elif path == 'runs/recall_tiny.gin':
+    gin_config.parse([path], RUN_MACROS)
+  else:
+    gin_config.parse(['models/t5_1_1/tiny.gin', path], RUN_MACROS)
+
+
 @pytest.mark.parametrize('path', SHIPPED)
 def test_every_gin_file_parses_and_builds(path):
-  gin_config.parse([path])
-  built = False
+  _parse_shipped(path)
+  built = []
   for name in ('MODEL', 'PARTITIONER'):
     try:
       value = gin_config.macro(name)
     except ValueError:
       continue
-    built = True
+    built.append(name)
     if name == 'MODEL':
       assert _num_params() > 0
     else:
       assert value.mesh.size == jax.device_count()
-  assert built, f'{path} defines neither MODEL nor PARTITIONER'
+  for argument in RUN_ARGUMENTS:
+    try:
+      reference = gin.query_parameter(argument)
+    except ValueError:
+      continue
+    built.append(argument)
+    assert reference.scoped_configurable_fn() is not None
+  assert built, f'{path} defines nothing to build'
+  if path.startswith('runs/'):
+    assert any(a.endswith('_dataset') for a in built), f'{path} configures no data'
 
 
 # Published sizes: T5X's T5.1.1 checkpoints table.
@@ -70,3 +98,12 @@ def test_undefined_macro_names_it():
 def test_missing_gin_file_is_named():
   with pytest.raises(IOError, match='models/t5_1_1/huge.gin'):
     gin_config.parse(['models/t5_1_1/huge.gin'])
+
+
+def test_directories_named_like_config_folders_do_not_break_lookup(tmp_path, monkeypatch):
+  """`make train` writes runs/ into the working directory; gin must still find runs/*.gin."""
+  for name in ('runs', 'models'):
+    (tmp_path / name).mkdir()
+  monkeypatch.chdir(tmp_path)
+  gin_config.parse(['runs/recall_tiny.gin'], ["MODEL_DIR = 'x'"])
+  assert gin_config.macro('VOCAB_SIZE') == 64

@@ -36,12 +36,12 @@ def cross_entropy_with_logits(logits: jax.Array, targets: jax.Array, z_loss: flo
   return loss + z, z
 
 
-def normalizer(weights: jax.Array, loss_normalizing_factor: str | float | None) -> jax.Array:
-  """The denominator of the loss: real target tokens, a constant, or 1 (a plain sum)."""
+def normalizer(num_tokens: jax.Array, loss_normalizing_factor: str | float | None) -> jax.Array:
+  """The denominator of the loss: the weighted token count, a constant, or 1 (a plain sum)."""
   if loss_normalizing_factor is None:
     return jnp.asarray(1.0, jnp.float32)
   if loss_normalizing_factor == 'num_real_target_tokens':
-    return jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1e-8)
+    return jnp.maximum(jnp.asarray(num_tokens, jnp.float32), 1e-8)
   if isinstance(loss_normalizing_factor, (int, float)):
     return jnp.asarray(float(loss_normalizing_factor), jnp.float32)
   raise ValueError(f'loss_normalizing_factor {loss_normalizing_factor!r}: use '

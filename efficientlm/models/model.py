@@ -33,6 +33,11 @@ class BaseModel:
   REQUIRED: ClassVar[tuple[str, ...]] = ()
   OPTIONAL: ClassVar[tuple[str, ...]] = ()
 
+  @property
+  def feature_converter(self) -> str:
+    """Name of the seqio feature converter that makes this model's batches (efficientlm.data)."""
+    raise NotImplementedError
+
   def _inputs(self, batch: Batch) -> dict[str, jax.Array]:
     missing = [k for k in self.REQUIRED if k not in batch]
     if missing:
@@ -47,6 +52,15 @@ class BaseModel:
     """Boxed variables (LogicallyPartitioned leaves); see Partitioner.sharded_init."""
     return self.module.init({'params': rng}, **self._inputs(batch))
 
+  def param_initializer(self, batch_spec: Mapping[str, jax.ShapeDtypeStruct]):
+    """rng -> boxed parameters, for batches shaped like `batch_spec` (shapes and dtypes)."""
+
+    def init_params(rng):
+      dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_spec.items()}
+      return self.init(rng, dummy)['params']
+
+    return init_params
+
   def logits(self, params, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Logits; dropout is on exactly when a dropout RNG is given (training)."""
     rngs = None if dropout_rng is None else {'dropout': dropout_rng}
@@ -60,25 +74,38 @@ class BaseModel:
       weights = batch['decoder_target_tokens'] > 0
     return weights.astype(jnp.float32)
 
-  def loss_fn(self, params, batch: Batch,
-              dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted cross-entropy (with z-loss, label smoothing) and its metrics (sums and means)."""
+  def loss_sums(self, params, batch: Batch,
+                dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Weighted sums over the batch: loss, z_loss, cross_entropy, correct, num_tokens.
+
+    Sums (not means) so that microbatches add up exactly; `normalize` turns them into the loss
+    and metrics of the whole batch.
+    """
     logits = self.logits(params, batch, dropout_rng)
     targets, weights = batch['decoder_target_tokens'], self._weights(batch)
     per_token, z = losses.cross_entropy_with_logits(logits, targets, self.z_loss,
                                                     self.label_smoothing)
-    denominator = losses.normalizer(weights, self.loss_normalizing_factor)
-    loss = jnp.sum(per_token * weights) / denominator
-    num_tokens = jnp.sum(weights)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {'loss': jnp.sum(per_token * weights), 'z_loss': jnp.sum(z * weights),
+            'cross_entropy': jnp.sum((per_token - z) * weights),
+            'correct': jnp.sum(correct * weights), 'num_tokens': jnp.sum(weights)}
+
+  def normalize(self, sums: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metrics) from `loss_sums`, summed over any number of microbatches."""
+    denominator = losses.normalizer(sums['num_tokens'], self.loss_normalizing_factor)
     metrics = {
-        'loss': loss,
-        'z_loss': jnp.sum(z * weights) / denominator,
-        'cross_entropy': jnp.sum((per_token - z) * weights) / denominator,
-        'accuracy': jnp.sum(correct * weights) / jnp.maximum(num_tokens, 1e-8),
-        'num_tokens': num_tokens,
+        'loss': sums['loss'] / denominator,
+        'z_loss': sums['z_loss'] / denominator,
+        'cross_entropy': sums['cross_entropy'] / denominator,
+        'accuracy': sums['correct'] / jnp.maximum(sums['num_tokens'], 1e-8),
+        'num_tokens': sums['num_tokens'],
     }
-    return loss, metrics
+    return metrics['loss'], metrics
+
+  def loss_fn(self, params, batch: Batch,
+              dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted cross-entropy (with z-loss, label smoothing) and its metrics."""
+    return self.normalize(self.loss_sums(params, batch, dropout_rng))
 
   def token_scores(self, params, batch: Batch) -> jax.Array:
     """log p(target token) at every position, zero where the loss weight is zero."""
@@ -102,6 +129,10 @@ class EncoderDecoderModel(BaseModel):
   OPTIONAL = ('decoder_target_tokens', 'encoder_segment_ids', 'decoder_segment_ids',
               'encoder_positions', 'decoder_positions')
 
+  @property
+  def feature_converter(self) -> str:
+    return 'enc_dec'
+
   def dummy_batch(self, batch_size: int, lengths: Mapping[str, int]) -> dict[str, jax.Array]:
     """lengths: {'inputs': encoder length, 'targets': decoder length}."""
     return {'encoder_input_tokens': _zeros(batch_size, lengths['inputs']),
@@ -111,11 +142,23 @@ class EncoderDecoderModel(BaseModel):
 
 @dataclasses.dataclass(frozen=True)
 class DecoderOnlyModel(BaseModel):
+  """`prefix_lm=True` trains on seqio's prefix-LM features (inputs attended bidirectionally)."""
+
+  prefix_lm: bool = False
+
   REQUIRED = ('decoder_input_tokens',)
   OPTIONAL = ('decoder_target_tokens', 'decoder_segment_ids', 'decoder_positions',
               'decoder_causal_attention')
 
+  @property
+  def feature_converter(self) -> str:
+    return 'prefix_lm' if self.prefix_lm else 'decoder'
+
   def dummy_batch(self, batch_size: int, lengths: Mapping[str, int]) -> dict[str, jax.Array]:
-    """lengths: {'targets': sequence length}."""
-    return {'decoder_input_tokens': _zeros(batch_size, lengths['targets']),
-            'decoder_target_tokens': _zeros(batch_size, lengths['targets'])}
+    """lengths: {'targets': length} (and 'inputs' for a prefix LM, which sees both)."""
+    length = lengths['targets'] + (lengths.get('inputs', 0) if self.prefix_lm else 0)
+    batch = {'decoder_input_tokens': _zeros(batch_size, length),
+             'decoder_target_tokens': _zeros(batch_size, length)}
+    if self.prefix_lm:
+      batch['decoder_causal_attention'] = _zeros(batch_size, length)
+    return batch

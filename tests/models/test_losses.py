@@ -46,7 +46,7 @@ def test_bad_label_smoothing_and_normalizer():
   with pytest.raises(ValueError, match='label_smoothing'):
     losses.cross_entropy_with_logits(np.zeros((1, 3)), np.zeros((1,), int), label_smoothing=1.0)
   with pytest.raises(ValueError, match='loss_normalizing_factor'):
-    losses.normalizer(np.ones(3), 'tokens')
+    losses.normalizer(np.float32(3), 'tokens')
 
 
 def test_model_loss_metrics_and_scores():

@@ -1,0 +1,176 @@
+"""`register_text_lm`: a decoder-only LM task on the user's own text files.
+
+Formats, chosen by extension:
+  .txt    one document per file (a book, an article, a source file);
+  .jsonl  one document per line, its `text` field.
+A document goes to 'validation' when a hash of its identity falls below `validation_fraction`:
+the file's base name for .txt (so a file never straddles splits), the line's text for .jsonl
+(so duplicate lines share a split). The split is therefore stable across machines and reruns.
+
+Without `sentencepiece_model`, a unigram SentencePiece model (pad 0, EOS 1, unk 2, as T5's) is
+trained on the training documents into `cache_dir` (default: `.text_lm_cache` beside the first
+file) and reused by later registrations of the same files and vocab size. .jsonl files are
+converted once into TFRecords of documents in the same cache, since TensorFlow cannot parse JSON
+and a Python step would make the input pipeline uncheckpointable.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+
+import seqio
+import sentencepiece as spm
+
+from efficientlm.data import preprocessors, vocabularies
+from efficientlm.data.registry import add_task
+from efficientlm.data.tensorflow_cpu import tf
+
+_SPLITS = ('train', 'validation')
+
+
+def register_text_lm(files: str, name: str = 'text_lm', sentencepiece_model: str | None = None,
+                     vocab_size: int = 8000, validation_fraction: float = 0.05,
+                     cache_dir: str | None = None) -> str:
+  """Registers task `name` on the .txt / .jsonl files matching the glob `files`; returns `name`.
+
+  In gin: MIXTURE_OR_TASK_NAME = @tasks.register_text_lm()
+          tasks.register_text_lm.files = '/data/books/*.txt'
+  """
+  # Directories (our own cache among them, for a glob like 'dir/*') hold no documents.
+  paths = sorted(p for p in tf.io.gfile.glob(files) if not tf.io.gfile.isdir(p))
+  if not paths:
+    raise FileNotFoundError(f'register_text_lm: the glob {files!r} matches no files.')
+  unknown = [p for p in paths if not p.endswith(('.txt', '.jsonl'))]
+  if unknown:
+    raise ValueError(f'register_text_lm: {unknown[:3]} (from glob {files!r}) are neither .txt '
+                     '(one document per file) nor .jsonl (one {"text": ...} per line).')
+  if not 0.0 <= validation_fraction < 1.0:
+    raise ValueError(f'register_text_lm: validation_fraction = {validation_fraction}; it must '
+                     'be in [0, 1).')
+  cache_dir = cache_dir or os.path.join(os.path.dirname(paths[0]), '.text_lm_cache')
+  split_files = _split_files(paths, validation_fraction, cache_dir)
+  if not split_files['train']:
+    raise ValueError(f'register_text_lm: no training documents in {files!r}; lower '
+                     f'validation_fraction ({validation_fraction}) or add files.')
+  splits = [s for s in _SPLITS if split_files[s]]
+  if 'validation' not in splits:
+    logging.warning('register_text_lm: no document of %r fell in the validation split.', files)
+  if sentencepiece_model is None:
+    sentencepiece_model = _trained_sentencepiece(split_files['train'], vocab_size, cache_dir)
+  vocabulary = vocabularies.sentencepiece_vocabulary(sentencepiece_model)
+  add_task(
+      name,
+      source=seqio.FunctionDataSource(functools.partial(_documents, split_files=split_files),
+                                      splits=splits),
+      output_features={'targets': seqio.Feature(vocabulary, add_eos=True)},
+      preprocessors=[
+          functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False, with_eos=True),
+          preprocessors.split_into_sequences,
+      ])
+  return name
+
+
+def _in_validation(identity: bytes, validation_fraction: float) -> bool:
+  digest = hashlib.sha256(identity).digest()
+  return int.from_bytes(digest[:8], 'big') / 2**64 < validation_fraction
+
+
+def _fingerprint(paths: Sequence[str], *extra) -> str:
+  """Changes when a file is added, removed, resized or rewritten."""
+  stats = [(p, tf.io.gfile.stat(p).length, tf.io.gfile.stat(p).mtime_nsec) for p in paths]
+  return hashlib.sha256(repr((stats, extra)).encode()).hexdigest()[:16]
+
+
+def _split_files(paths: Sequence[str], validation_fraction: float,
+                 cache_dir: str) -> dict[str, list[str]]:
+  """split -> files of documents: .txt files themselves, .jsonl converted to TFRecords."""
+  split_files = {s: [] for s in _SPLITS}
+  for path in paths:
+    if path.endswith('.txt'):
+      in_validation = _in_validation(os.path.basename(path).encode(), validation_fraction)
+      split_files['validation' if in_validation else 'train'].append(path)
+  jsonl = [p for p in paths if p.endswith('.jsonl')]
+  if jsonl:
+    key = _fingerprint(jsonl, validation_fraction)
+    records = {s: os.path.join(cache_dir, f'jsonl-{key}-{s}.tfrecord') for s in _SPLITS}
+    if not all(tf.io.gfile.exists(r) for r in records.values()):
+      _convert_jsonl(jsonl, records, validation_fraction)
+    for split, record in records.items():
+      if tf.io.gfile.stat(record).length:
+        split_files[split].append(record)
+  return split_files
+
+
+def _jsonl_documents(path: str) -> Iterator[str]:
+  with tf.io.gfile.GFile(path) as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        yield json.loads(line)['text']
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f'{path}:{number}: expected a JSON object with a "text" field '
+                         f'({e!r}).') from e
+
+
+def _convert_jsonl(paths: Sequence[str], records: dict[str, str],
+                   validation_fraction: float) -> None:
+  tf.io.gfile.makedirs(os.path.dirname(records['train']))
+  writers = {s: tf.io.TFRecordWriter(r + '.tmp') for s, r in records.items()}
+  with writers['train'], writers['validation']:
+    for path in paths:
+      for text in _jsonl_documents(path):
+        data = text.encode()
+        writers['validation' if _in_validation(data, validation_fraction) else 'train'].write(data)
+  for record in records.values():  # rename last: concurrent processes never read a partial file
+    tf.io.gfile.rename(record + '.tmp', record, overwrite=True)
+
+
+def _read_documents(path: str) -> Iterator[str]:
+  if path.endswith('.txt'):
+    with tf.io.gfile.GFile(path) as f:
+      yield f.read()
+  else:
+    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      yield record.decode()
+
+
+def _trained_sentencepiece(paths: Sequence[str], vocab_size: int, cache_dir: str) -> str:
+  """Path of a SentencePiece model of the documents in `paths`, trained unless cached."""
+  model_path = os.path.join(cache_dir, f'sentencepiece-{vocab_size}-{_fingerprint(paths)}.model')
+  if tf.io.gfile.exists(model_path):
+    return model_path
+  logging.info('Training a %d-piece SentencePiece model on %d files into %s.', vocab_size,
+               len(paths), model_path)
+  lines = (line for path in paths for doc in _read_documents(path) for line in doc.splitlines()
+           if line.strip())
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type='unigram',
+      pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+      hard_vocab_limit=False,  # a small corpus may not support vocab_size pieces
+      input_sentence_size=2_000_000, shuffle_input_sentence=True, minloglevel=2)
+  tf.io.gfile.makedirs(cache_dir)
+  with tf.io.gfile.GFile(model_path + '.tmp', 'wb') as f:
+    f.write(model.getvalue())
+  tf.io.gfile.rename(model_path + '.tmp', model_path, overwrite=True)
+  return model_path
+
+
+def _documents(split: str, shuffle_files: bool, seed=None, split_files=None) -> tf.data.Dataset:
+  txt = [f for f in split_files[split] if f.endswith('.txt')]
+  records = [f for f in split_files[split] if not f.endswith('.txt')]  # converted .jsonl
+  texts = tf.data.TFRecordDataset(records) if records else None
+  if txt:
+    paths = tf.data.Dataset.from_tensor_slices(txt)
+    if shuffle_files:
+      paths = paths.shuffle(len(txt), seed=seed)
+    files = paths.map(tf.io.read_file)
+    texts = files if texts is None else files.concatenate(texts)
+  return texts.map(lambda text: {'targets': text})

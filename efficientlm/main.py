@@ -1,0 +1,75 @@
+"""The one gin-driven entry point (T5X-compatible flags).
+
+  python -m efficientlm.main --gin_file=models/t5_1_1/base.gin --gin_file=runs/pretrain.gin \
+      --gin.MODEL_DIR="'/tmp/t5_base'" [--gin_bindings="TRAIN_STEPS = 1000"] [--run_mode=train]
+
+Gin files are searched in configs/ and in --gin_search_paths. `--gin.NAME=VALUE` is shorthand for
+`--gin_bindings="NAME = VALUE"`. The run mode picks the function the run gin configures:
+train -> efficientlm.training.trainer.train, eval -> efficientlm.training.evaluation.evaluate.
+The parsed config is written to MODEL_DIR/config.gin and, once the run has built everything,
+the operative config (the values actually used) to MODEL_DIR/operative_config.gin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pathlib
+import sys
+
+import gin
+import jax
+
+from efficientlm import gin_config
+
+RUN_MODES = {
+    'train': 'efficientlm.training.trainer:train',
+    'eval': 'efficientlm.training.evaluation:evaluate',
+}
+
+
+def parse_flags(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog='python -m efficientlm.main',
+                                   description=__doc__.split('\n')[0])
+  parser.add_argument('--gin_file', action='append', default=[],
+                      help='gin file, searched in configs/ and --gin_search_paths (repeatable)')
+  parser.add_argument('--gin_bindings', action='append', default=[],
+                      help='a gin binding such as "TRAIN_STEPS = 100" (repeatable)')
+  parser.add_argument('--gin_search_paths', action='append', default=[],
+                      help='comma-separated directories to search for gin files (repeatable)')
+  parser.add_argument('--run_mode', choices=sorted(RUN_MODES), default='train')
+  args, rest = parser.parse_known_args(argv)
+  for flag in rest:
+    if not flag.startswith('--gin.') or '=' not in flag:
+      parser.error(f'unrecognized argument {flag!r}')
+    name, value = flag[len('--gin.'):].split('=', 1)
+    args.gin_bindings.append(f'{name} = {value}')
+  args.gin_search_paths = [p for group in args.gin_search_paths for p in group.split(',') if p]
+  if not args.gin_file:
+    parser.error('at least one --gin_file is required')
+  return args
+
+
+def _run_fn(run_mode: str):
+  module_name, fn_name = RUN_MODES[run_mode].split(':')
+  fn = getattr(importlib.import_module(module_name), fn_name)
+  return gin.get_configurable(fn)
+
+
+def main(argv: list[str] | None = None):
+  args = parse_flags(sys.argv[1:] if argv is None else argv)
+  gin_config.parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  directory = pathlib.Path(gin_config.macro('MODEL_DIR'))
+  writes = jax.process_index() == 0
+  if writes:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / 'config.gin').write_text(gin.config_str())
+  try:
+    return _run_fn(args.run_mode)()
+  finally:
+    if writes:
+      (directory / 'operative_config.gin').write_text(gin.operative_config_str())
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,144 @@
+"""Orbax checkpoints of a training run: parameters, optimizer state and the data position.
+
+A checkpoint `MODEL_DIR/<step>/` holds the items `params` and `opt_state` (sharded arrays,
+restorable onto any mesh), `dataset` (each process's input-pipeline position) and `meta` (JSON).
+Orbax writes a step to a temporary directory and renames it when complete, so a save cut short
+by a crash is never listed. A step that is listed but cannot be read is skipped, with a
+message, in favour of the one before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from efficientlm.training.metrics import log
+
+ITEMS = ('params', 'opt_state', 'dataset', 'meta')
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Saves and restores an iterator that has `save(dir)` / `restore(dir)` (efficientlm.data)."""
+
+  def save(self, directory: epath.Path, args: DataIteratorSave):
+    args.iterator.save(str(directory))
+
+  def restore(self, directory: epath.Path, args: DataIteratorRestore):
+    args.iterator.restore(str(directory))
+    return args.iterator
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+def as_checkpoint_path(path: str | pathlib.Path) -> epath.Path:
+  """Orbax needs absolute paths: local relative ones are resolved, URLs (gs://) kept."""
+  text = str(path)
+  return epath.Path(text if '://' in text else os.path.abspath(text))
+
+
+def _savable(iterator) -> bool:
+  return hasattr(iterator, 'save') and hasattr(iterator, 'restore')
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  params: Any
+  opt_state: Any | None
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints plus every step divisible by `keep_period`."""
+
+  def __init__(self, directory: str | pathlib.Path, keep: int | None = 3,
+               keep_period: int | None = None, async_save: bool = True):
+    self.directory = as_checkpoint_path(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period,
+                                           enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=ITEMS,
+        item_handlers={'dataset': DataIteratorHandler()})
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, params, opt_state, iterator=None, wait: bool = False) -> bool:
+    """Saves `step` unless it already exists (a resumed run re-reaching its start step)."""
+    self.manager.wait_until_finished()  # one save in flight; also surfaces its errors
+    if step in self.manager.all_steps():
+      return False
+    items = {'params': ocp.args.StandardSave(params), 'opt_state': ocp.args.StandardSave(opt_state),
+             'meta': ocp.args.JsonSave({'step': step, 'process_count': jax.process_count()})}
+    if iterator is not None and _savable(iterator):
+      items['dataset'] = DataIteratorSave(iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    if wait:
+      self.manager.wait_until_finished()
+    return True
+
+  def restore_latest(self, abstract_params, abstract_opt_state, iterator=None) -> Restored | None:
+    """The newest readable checkpoint restored onto the shardings of the abstract trees.
+
+    An unreadable step is reported and the one before it tried, down to the oldest."""
+    for step in reversed(self.steps()):
+      try:
+        return self._restore(step, abstract_params, abstract_opt_state, iterator)
+      except Exception as e:  # pylint: disable=broad-except
+        older = [s for s in self.steps() if s < step]
+        log(f'Checkpoint {self.directory / str(step)} cannot be read ({type(e).__name__}: '
+            f'{str(e)[:300]}); ' + (f'falling back to step {older[-1]}.' if older else
+                                    'no older checkpoint: starting from scratch.'))
+    return None
+
+  def _restore(self, step, abstract_params, abstract_opt_state, iterator) -> Restored:
+    items = {'params': ocp.args.StandardRestore(abstract_params),
+             'opt_state': ocp.args.StandardRestore(abstract_opt_state)}
+    if iterator is not None and _savable(iterator):
+      if not (self.directory / str(step) / 'dataset').exists():
+        raise FileNotFoundError(f'checkpoint {step} has no data iterator position to resume from')
+      items['dataset'] = DataIteratorRestore(iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return Restored(step, restored['params'], restored['opt_state'])
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def restore_params(path: str | pathlib.Path, abstract_params) -> tuple[int, Any]:
+  """Parameters from another run: its directory (newest step) or one step's directory."""
+  path = as_checkpoint_path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'Checkpoint path {path} does not exist.')
+  if (path / 'params').exists():
+    run_dir, step = path.parent, int(path.name)
+  else:
+    run_dir, step = path, None
+  manager = ocp.CheckpointManager(run_dir, item_names=ITEMS,
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  if step is None:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint under {path}: expected step directories with a '
+                              '`params` item, written by efficientlm.')
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params)))
+  return step, restored['params']

@@ -1,0 +1,62 @@
+"""Evaluation over seqio eval splits: loss, token accuracy and perplexity per task, and the
+`eval` run mode (a checkpoint in, metrics out)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+from efficientlm import partitioning
+from efficientlm.models.model import BaseModel
+from efficientlm.training import checkpoints as ckpt_lib
+from efficientlm.training import metrics as metrics_lib
+from efficientlm.training.data_source import global_batch_spec, make_eval_iterators
+from efficientlm.training.steps import make_eval_step
+
+
+def evaluate_params(params, eval_step, partitioner: partitioning.Partitioner,
+                    iterators: Mapping[str, Any], max_batches: int | None = None
+                    ) -> dict[str, float]:
+  """Loss, token accuracy (over loss-weighted positions) and perplexity per task (`task/metric`)."""
+  results = {}
+  for task, iterator in iterators.items():
+    totals: dict[str, float] = {}
+    for i, local in enumerate(iterator):
+      if max_batches is not None and i >= max_batches:
+        break
+      with partitioner.context():
+        sums = jax.device_get(eval_step(params, partitioner.shard_batch(local)))
+      for key, value in sums.items():
+        totals[key] = totals.get(key, 0.0) + float(value)
+    tokens = max(totals.get('num_tokens', 0.0), 1e-8)
+    loss = totals.get('cross_entropy', 0.0) / tokens
+    results.update({f'{task}/loss': loss, f'{task}/accuracy': totals.get('correct', 0.0) / tokens,
+                    f'{task}/perplexity': float(np.exp(min(loss, 50.0))),
+                    f'{task}/num_tokens': totals.get('num_tokens', 0.0)})
+  return results
+
+
+def evaluate(*, model: BaseModel, partitioner: partitioning.Partitioner, checkpoint_path: str,
+             eval_dataset, model_dir: str | None = None,
+             max_eval_batches: int | None = None) -> dict[str, float]:
+  """Run mode `eval`: restores parameters from `checkpoint_path` (a run directory or one step's
+  directory), evaluates, prints and writes `eval_results.json` to `model_dir` (if given)."""
+  iterators = make_eval_iterators(eval_dataset, model.feature_converter)
+  spec = global_batch_spec(next(iter(iterators.values())))
+  abstract, shardings = partitioner.abstract_params(model.param_initializer(spec),
+                                                    jax.random.key(0))
+  step, params = ckpt_lib.restore_params(checkpoint_path, abstract)
+  with partitioner.context():
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings, None))
+  results = evaluate_params(params, eval_step, partitioner, iterators, max_eval_batches)
+  metrics_lib.MetricWriter(None).write(step, results, prefix='eval ')
+  if model_dir is not None and jax.process_index() == 0:
+    path = pathlib.Path(model_dir) / 'eval_results.json'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({'checkpoint': str(checkpoint_path), 'step': step,
+                                'metrics': results}, indent=2) + '\n')
+  return results

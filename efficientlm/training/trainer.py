@@ -1,0 +1,292 @@
+"""The training loop (T5X style), read top to bottom in phases:
+mesh -> data -> state (abstract, then restored or initialized) -> step functions -> hooks -> loop.
+
+Checkpointing, evaluation, logging and profiling are hooks with an `every=` period. SIGTERM
+(TPU preemption) saves a checkpoint at the current step and returns; a non-finite loss stops the
+run naming the step, and the state that produced it is never checkpointed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import pathlib
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efficientlm import partitioning
+from efficientlm.models.model import BaseModel, EncoderDecoderModel
+from efficientlm.training import checkpoints as ckpt_lib
+from efficientlm.training.data_source import (DataSource, global_batch_spec, make_eval_iterators,
+                                              make_iterator)
+from efficientlm.training.evaluation import evaluate_params
+from efficientlm.training import metrics as metrics_lib
+from efficientlm.training.optimizers import Optimizer
+from efficientlm.training.steps import TrainState, make_eval_step, make_train_step
+
+
+# The training metrics printed on stdout; TensorBoard gets every one.
+STDOUT_METRICS = ('loss', 'accuracy', 'learning_rate', 'grad_norm', 'step_time_s', 'tokens_per_s',
+                  'mfu')
+
+
+@dataclasses.dataclass
+class Hook:
+  """Runs `fn(step)` every `every` steps (None: never periodically) and, if `at_end`, at the end."""
+
+  every: int | None
+  fn: Callable[[int], None]
+  at_end: bool = True
+
+  def maybe_run(self, step: int, last: bool) -> None:
+    if (self.every and step % self.every == 0) or (last and self.at_end):
+      self.fn(step)
+
+
+# ----------------------------------------------------------------------------------------------
+# State.
+
+
+def abstract_state(model: BaseModel, optimizer: Optimizer, partitioner: partitioning.Partitioner,
+                   batch_spec) -> tuple[TrainState, Any, Callable]:
+  """(abstract TrainState carrying shardings, its shardings, params init fn). Nothing allocated."""
+  init_params = model.param_initializer(batch_spec)
+  params, _ = partitioner.abstract_params(init_params, jax.random.key(0))
+  with partitioner.context():
+    opt_init = jax.jit(optimizer.tx.init).lower(params).compile()
+  opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           jax.eval_shape(optimizer.tx.init, params), opt_init.output_shardings)
+  replicated = jax.sharding.NamedSharding(partitioner.mesh, jax.sharding.PartitionSpec())
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                     params=params, opt_state=opt_state)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  return state, shardings, init_params
+
+
+def _fresh_state(optimizer, partitioner, init_params, abstract: TrainState, seed: int):
+  params, _, _ = partitioner.sharded_init(init_params, jax.random.key(seed))
+  with partitioner.context():
+    opt_state = jax.jit(optimizer.tx.init,
+                        out_shardings=jax.tree.map(lambda x: x.sharding, abstract.opt_state))(params)
+  return params, opt_state
+
+
+def _step_array(step: int, abstract: TrainState) -> jax.Array:
+  return jax.device_put(jnp.asarray(step, jnp.int32), abstract.step.sharding)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption.
+
+
+class PreemptionWatcher(contextlib.AbstractContextManager):
+  """Turns SIGTERM into a flag the loop checks after every step (all processes agree on the
+  step through JAX's preemption sync point when running multi-process)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train(*,
+          model: BaseModel,
+          partitioner: partitioning.Partitioner,
+          model_dir: str,
+          train_dataset: DataSource,
+          optimizer: Optimizer,
+          total_steps: int,
+          eval_dataset: DataSource | None = None,
+          num_microbatches: int = 1,
+          seed: int = 0,
+          log_every: int = 100,
+          checkpoint_every: int | None = 1000,
+          keep_checkpoints: int | None = 3,
+          keep_checkpoints_every: int | None = None,
+          async_checkpointing: bool = True,
+          eval_every: int | None = 1000,
+          max_eval_batches: int | None = None,
+          restore_path: str | None = None,
+          profile_steps: tuple[int, int] | None = None) -> dict[str, float]:
+  """Trains `model` for `total_steps` and returns the last logged and eval metrics.
+
+  Resumes from the newest checkpoint in `model_dir`; otherwise starts from `restore_path`'s
+  parameters (another run, e.g. pretraining before finetuning) or from scratch.
+  """
+  if total_steps <= 0:
+    raise ValueError(f'total_steps must be positive, got {total_steps}.')
+  model_dir = pathlib.Path(model_dir)
+  writer = metrics_lib.MetricWriter(model_dir / 'train')
+  eval_writer = metrics_lib.MetricWriter(model_dir / 'eval')
+  log = metrics_lib.log
+
+  # --- mesh (the partitioner) and data ---------------------------------------------------------
+  log(f'mesh {dict(partitioner.mesh.shape)} over {jax.device_count()} '
+      f'{jax.devices()[0].platform} devices, rules {partitioner.rules!r}')
+  iterator = make_iterator(train_dataset, model.feature_converter)
+  batch_spec = global_batch_spec(iterator)
+  global_batch = next(iter(batch_spec.values())).shape[0]
+  partitioner.local_batch_size(global_batch)  # divisibility, with a clear error
+
+  # --- state: abstract, then restored or initialized -------------------------------------------
+  abstract, state_shardings, init_params = abstract_state(model, optimizer, partitioner,
+                                                          batch_spec)
+  checkpointer = ckpt_lib.Checkpointer(model_dir / 'checkpoints', keep_checkpoints,
+                                       keep_checkpoints_every, async_checkpointing)
+  restored = checkpointer.restore_latest(abstract.params, abstract.opt_state, iterator)
+  if restored is not None:
+    start, params, opt_state = restored.step, restored.params, restored.opt_state
+    log(f'resumed from {model_dir / "checkpoints" / str(start)}')
+  else:
+    start = 0
+    params, opt_state = _fresh_state(optimizer, partitioner, init_params, abstract, seed)
+    if restore_path:
+      step, params = ckpt_lib.restore_params(restore_path, abstract.params)
+      log(f'initialized parameters from {restore_path} (step {step})')
+  state = TrainState(step=_step_array(start, abstract), params=params, opt_state=opt_state)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+  log(f'{type(model.module).__name__}: {num_params / 1e6:.2f}M parameters; global batch '
+      f'{global_batch}, {num_microbatches} microbatch(es); steps {start} -> {total_steps}')
+
+  # --- step functions ---------------------------------------------------------------------------
+  batch_shardings = {k: partitioner.batch_sharding(len(v.shape)) for k, v in batch_spec.items()}
+  with partitioner.context():
+    train_step = jax.jit(make_train_step(model, optimizer, num_microbatches, seed),
+                         in_shardings=(state_shardings, batch_shardings),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, None))
+    params_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
+
+  flops = metrics_lib.flops_per_example(model.module.config, _lengths(batch_spec),
+                                        isinstance(model, EncoderDecoderModel)) * global_batch
+  peak = metrics_lib.peak_flops_per_device()
+  tokens_per_step = global_batch * batch_spec['decoder_target_tokens'].shape[1]
+
+  # --- hooks ------------------------------------------------------------------------------------
+  latest: dict[str, Any] = {'metrics': None, 'step': start}
+  progress = metrics_lib.Progress(start, total_steps)
+  results: dict[str, float] = {}
+
+  def stop(problem):
+    checkpointer.wait()
+    good = checkpointer.steps()
+    raise FloatingPointError(
+        f'{problem}; stopping. The last good checkpoint is '
+        f'{model_dir / "checkpoints" / str(good[-1]) if good else "none (none was saved)"}.')
+
+  def check_finite(step, metrics):
+    loss = float(metrics['loss'])
+    if not np.isfinite(loss):
+      stop(f'Loss is {loss} at step {step}')
+
+  def check_params_finite(step):
+    # A finite loss at step s says nothing of the parameters its update produced.
+    if not bool(params_finite(state.params)):
+      stop(f'Parameters are not finite after step {step}')
+
+  def log_metrics(step):
+    values = {k: float(v) for k, v in jax.device_get(latest['metrics']).items()}
+    step_time, bar = progress.update(step)
+    values.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
+                  mfu=flops / step_time / (peak * jax.device_count()) if peak else None)
+    writer.write(step, values, text=bar, stdout_keys=STDOUT_METRICS)
+    results.update(values)
+
+  def save(step):
+    check_finite(step, latest['metrics'])
+    check_params_finite(step)
+    if checkpointer.save(step, state.params, state.opt_state, iterator):
+      log(f'saved checkpoint {step}' + (' (async)' if async_checkpointing else ''))
+
+  def run_eval(step):
+    if eval_dataset is None:
+      return
+    scores = evaluate_params(state.params, eval_step, partitioner,
+                             make_eval_iterators(eval_dataset, model.feature_converter),
+                             max_eval_batches)
+    eval_writer.write(step, scores, prefix='eval ')
+    results.update({f'eval/{k}': v for k, v in scores.items()})
+
+  hooks = [Hook(log_every, log_metrics), Hook(checkpoint_every, save),
+           Hook(eval_every, run_eval)]
+  if profile_steps is not None:
+    hooks.append(Hook(1, _profiler(*profile_steps, model_dir / 'profile'), at_end=False))
+
+  # --- loop -------------------------------------------------------------------------------------
+  step = start
+  with PreemptionWatcher() as preemption:
+    try:
+      while step < total_steps:
+        local = next(iterator)
+        state, metrics = train_step(state, partitioner.shard_batch(local))
+        if latest['metrics'] is not None:  # check the previous step while this one runs
+          check_finite(step, latest['metrics'])
+        step += 1
+        latest['metrics'], latest['step'] = metrics, step
+        if preemption.should_stop(step):
+          check_finite(step, metrics)
+          check_params_finite(step)
+          checkpointer.save(step, state.params, state.opt_state, iterator, wait=True)
+          log(f'SIGTERM: saved checkpoint {step} and stopped.')
+          return results
+        for hook in hooks:
+          hook.maybe_run(step, last=step == total_steps)
+      if start == total_steps:
+        log(f'already at step {total_steps}: nothing to train.')
+        run_eval(step)
+    finally:
+      checkpointer.wait()
+      checkpointer.close()
+      writer.close()
+      eval_writer.close()
+  return results
+
+
+def _lengths(batch_spec) -> dict[str, int]:
+  lengths = {'targets': batch_spec['decoder_target_tokens'].shape[1]}
+  if 'encoder_input_tokens' in batch_spec:
+    lengths['inputs'] = batch_spec['encoder_input_tokens'].shape[1]
+  return lengths
+
+
+def _profiler(first: int, last: int, directory: pathlib.Path) -> Callable[[int], None]:
+  """Traces steps first..last with jax.profiler into `directory` (view with TensorBoard)."""
+
+  def maybe_trace(step):
+    if step == first:
+      jax.profiler.start_trace(str(directory))
+    elif step == last:
+      jax.profiler.stop_trace()
+      metrics_lib.log(f'profile of steps {first}-{last} written to {directory}')
+
+  return maybe_trace

@@ -1,0 +1,128 @@
+"""register_text_lm on temporary .txt and .jsonl files."""
+
+import itertools
+import json
+import os
+import re
+
+import gin
+import numpy as np
+import pytest
+import seqio
+
+from efficientlm import gin_config
+from efficientlm.data import pipeline, tasks
+from efficientlm.data.config import DatasetConfig
+from tests.data import batch_checks
+
+_WORDS = ('the quick brown fox jumps over lazy dog while seven wizards quietly hex '
+          'jolly boxing vampires under a pale moon').split()
+
+
+def _text(rng, words):
+  lines = [' '.join(rng.choice(_WORDS, size=12)) for _ in range(words // 12)]
+  return '\n'.join(lines)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  """12 .txt documents and a .jsonl of 20; returns (glob, {document text})."""
+  rng = np.random.default_rng(0)
+  docs = set()
+  for i in range(12):
+    text = _text(rng, 240)
+    (tmp_path / f'book_{i}.txt').write_text(text)
+    docs.add(text)
+  lines = [_text(rng, 60) for _ in range(20)]
+  with open(tmp_path / 'notes.jsonl', 'w') as f:
+    for text in lines:
+      f.write(json.dumps({'text': text, 'id': 1}) + '\n\n')  # blank lines are skipped
+  docs.update(lines)
+  return str(tmp_path / '*'), docs
+
+
+def _split_documents(name, split):
+  ds = seqio.get_mixture_or_task(name).source.get_dataset(split, shuffle=False)
+  return [ex['targets'].decode() for ex in ds.as_numpy_iterator()]
+
+
+def test_trains_reuses_and_tokenizes(corpus, tmp_path):
+  files, docs = corpus
+  name = tasks.register_text_lm(files, name='my_text', vocab_size=120, validation_fraction=0.3)
+  assert name == 'my_text'
+  (model,) = [p for p in os.listdir(tmp_path / '.text_lm_cache') if p.endswith('.model')]
+  model_path = tmp_path / '.text_lm_cache' / model
+  mtime = model_path.stat().st_mtime_ns
+  tasks.register_text_lm(files, name='my_text', vocab_size=120, validation_fraction=0.3)
+  assert model_path.stat().st_mtime_ns == mtime  # reused, not retrained
+  vocab = seqio.get_mixture_or_task(name).output_features['targets'].vocabulary
+  assert str(vocab.sentencepiece_model_file) == str(model_path)
+  assert 30 < vocab.vocab_size <= 120
+
+  # Every document is in exactly one split; both splits have .txt and .jsonl documents.
+  train, validation = _split_documents(name, 'train'), _split_documents(name, 'validation')
+  assert sorted(train + validation) == sorted(docs)
+  assert validation and len(validation) < len(train)
+
+  cfg = DatasetConfig(name, {'targets': 64}, batch_size=4)
+  for b in itertools.islice(pipeline.get_iterator(cfg, 'decoder'), 3):
+    tokens = b['decoder_target_tokens']
+    assert tokens.shape == (4, 64) and tokens.max() < vocab.vocab_size
+    batch_checks.assert_packed(tokens, b['decoder_segment_ids'], b['decoder_positions'])
+    for row, seg in zip(tokens, b['decoder_segment_ids']):
+      for s in batch_checks.segments(row, seg):
+        assert s[-1] == 1 or len(s) == 64  # a sequence ends its document or fills the row
+        assert 2 not in s  # no unknown pieces: the model was trained on this text
+  # The first sequence decodes to the start of a training document (its last word may be cut).
+  cfg = DatasetConfig(name, {'targets': 64}, batch_size=1, shuffle=False, pack=False)
+  first = next(pipeline.get_iterator(cfg, 'decoder'))['decoder_target_tokens'][0]
+  words = vocab.decode(first.tolist()).split()[:-1]
+  assert len(words) > 5 and any(d.split()[:len(words)] == words for d in train)
+
+def test_iterator_save_restore_on_text(corpus, tmp_path):
+  files, _ = corpus
+  name = tasks.register_text_lm(files, name='my_text_ckpt', vocab_size=120)
+  cfg = DatasetConfig(name, {'targets': 32}, batch_size=2)
+  saved = pipeline.get_iterator(cfg, 'decoder')
+  list(itertools.islice(saved, 5))
+  saved.save(str(tmp_path / 'ckpt'))
+  expected = list(itertools.islice(saved, 3))
+  restored = pipeline.get_iterator(cfg, 'decoder')
+  restored.restore(str(tmp_path / 'ckpt'))
+  for a, b in zip(expected, itertools.islice(restored, 3)):
+    np.testing.assert_array_equal(a['decoder_target_tokens'], b['decoder_target_tokens'])
+
+
+def test_given_model_is_used(corpus):
+  files, _ = corpus
+  from tests.data.conftest import SENTENCEPIECE_MODEL  # pylint: disable=g-import-not-at-top
+  name = tasks.register_text_lm(files, name='given_model', sentencepiece_model=SENTENCEPIECE_MODEL)
+  assert seqio.get_mixture_or_task(name).output_features['targets'].vocabulary.vocab_size == 26
+
+
+def test_registered_from_gin(corpus):
+  files, _ = corpus
+  gin.clear_config()
+  try:
+    gin.parse_config(['from __gin__ import dynamic_registration',
+                      'from efficientlm.data import tasks',
+                      'MIXTURE_OR_TASK_NAME = @tasks.register_text_lm()',
+                      f"tasks.register_text_lm.files = '{files}'",
+                      "tasks.register_text_lm.name = 'gin_text'",
+                      'tasks.register_text_lm.vocab_size = 100'])
+    assert gin_config.macro('MIXTURE_OR_TASK_NAME') == 'gin_text'
+  finally:
+    gin.clear_config()
+  assert 'gin_text' in seqio.TaskRegistry.names()
+
+
+def test_empty_glob_is_named(tmp_path):
+  glob = str(tmp_path / 'nothing' / '*.txt')
+  with pytest.raises(FileNotFoundError, match=re.escape(f'glob {glob!r} matches no files')):
+    tasks.register_text_lm(glob)
+
+
+def test_bad_jsonl_line_is_located(tmp_path):
+  (tmp_path / 'bad.jsonl').write_text('{"text": "fine"}\n{"body": "no text"}\n')
+  with pytest.raises(ValueError, match=r'bad.jsonl:2: expected a JSON object with a "text"'):
+    tasks.register_text_lm(str(tmp_path / '*.jsonl'), name='bad')

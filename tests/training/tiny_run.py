@@ -1,0 +1,39 @@
+"""The tiny training run the trainer tests share; `python -m tests.training.tiny_run DIR STEPS
+DELAY` runs it in a subprocess (for preemption tests), sleeping DELAY seconds per batch."""
+
+from __future__ import annotations
+
+import sys
+
+from efficientlm import partitioning
+from efficientlm.training import optimizers, trainer
+from tests import helpers
+from tests.training import fake_data
+
+VOCAB, LENGTH, BATCH = 32, 8, 8
+
+
+def model():
+  return helpers.decoder_model(vocab_size=VOCAB)
+
+
+def partitioner(devices=None, shape=(2, 4), axes=('data', 'model'), rules='tensor_parallel'):
+  return partitioning.Partitioner(shape, axes, rules, devices=devices)
+
+
+def adamw(learning_rate=3e-3):
+  return optimizers.adamw(optimizers.constant_schedule(learning_rate), weight_decay=0.01)
+
+
+def train(model_dir, steps, log=None, delay=0.0, **kwargs):
+  source = fake_data.source(BATCH, LENGTH, VOCAB, log=log, delay=delay)
+  args = dict(model=model(), partitioner=partitioner(), model_dir=str(model_dir),
+              train_dataset=source, optimizer=adamw(), total_steps=steps, log_every=5,
+              checkpoint_every=10, eval_every=None, async_checkpointing=True)
+  args.update(kwargs)
+  return trainer.train(**args)
+
+
+if __name__ == '__main__':
+  directory, total, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+  train(directory, total, delay=pause, log_every=1)
