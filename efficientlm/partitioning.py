@@ -58,8 +58,13 @@ class AxisRules:
                 f'{axis!r}; mesh axes are {KNOWN_MESH_AXES}.')
 
 
-_COMMON_PARAMS: Rules = (('layers', None), ('relpos_buckets', None))
-_COMMON_ACTIVATIONS: Rules = (('batch', _BATCH), ('length', None), ('kv', None))
+# Mixture-of-Experts: experts split over the 'expert' mesh axis wherever the mesh has one (the
+# batch is split over it too, so the dispatch einsum becomes an all-to-all); the router's expert
+# dimension ('unmodeled') stays replicated.
+_COMMON_PARAMS: Rules = (('layers', None), ('relpos_buckets', None), ('expert', 'expert'),
+                         ('unmodeled', None))
+_COMMON_ACTIVATIONS: Rules = (('batch', _BATCH), ('length', None), ('kv', None),
+                              ('expert', 'expert'))
 
 
 def _preset(params: Rules, activations: Rules) -> AxisRules:
@@ -67,16 +72,17 @@ def _preset(params: Rules, activations: Rules) -> AxisRules:
 
 
 _REPLICATED_WEIGHTS: Rules = (('vocab', None), ('embed', None), ('mlp', None), ('heads', None),
-                              ('joined_kv', None), ('joined_kv_heads', None))
+                              ('joined_kv', None), ('joined_kv_heads', None), ('expert_mlp', None))
 _UNSHARDED_FEATURES: Rules = (('embed', None), ('heads', None), ('kv_heads', None), ('mlp', None),
-                              ('vocab', None))
+                              ('vocab', None), ('expert_mlp', None))
 # Megatron-style tensor parallelism: heads, MLP hidden units and vocabulary split over 'model'.
 # K/V projections of grouped/multi-query attention stay replicated: they are small, and their
 # head count rarely divides the model axis (one head for multi-query).
 _TENSOR_WEIGHTS: Rules = (('vocab', 'model'), ('mlp', 'model'), ('heads', 'model'),
-                          ('joined_kv', 'model'), ('joined_kv_heads', None))
+                          ('joined_kv', 'model'), ('joined_kv_heads', None),
+                          ('expert_mlp', 'model'))
 _TENSOR_FEATURES: Rules = (('embed', None), ('heads', 'model'), ('kv_heads', None),
-                           ('mlp', 'model'), ('vocab', 'model'))
+                           ('mlp', 'model'), ('vocab', 'model'), ('expert_mlp', 'model'))
 
 RULE_PRESETS: dict[str, AxisRules] = {
     # Pure data parallelism: replicated weights, batch split over every non-model axis.
@@ -88,6 +94,10 @@ RULE_PRESETS: dict[str, AxisRules] = {
     # 2D: FSDP over 'fsdp' times tensor parallelism over 'model'.
     '2d': _preset(_TENSOR_WEIGHTS + (('embed', 'fsdp'),), _TENSOR_FEATURES),
 }
+# Every preset places experts over an 'expert' mesh axis when there is one; these names say so
+# for data x expert and data x expert x model meshes (configs/meshes/expert_*.gin).
+RULE_PRESETS['expert_parallel'] = RULE_PRESETS['data_parallel']
+RULE_PRESETS['expert_tensor_parallel'] = RULE_PRESETS['tensor_parallel']
 
 
 def get_rules(rules: str | AxisRules) -> AxisRules:

@@ -32,8 +32,17 @@ RUN_ARGUMENTS = ('trainer.train.train_dataset', 'trainer.train.eval_dataset',
                  'trainer.train.optimizer', 'evaluation.evaluate.eval_dataset')
 
 
+# Fragments included by other gins, parsed as they are used.
+FRAGMENTS = {'models/switch/common.gin': (['models/switch/common.gin'], ['NUM_EXPERTS = 8']),
+             'models/switch/base.gin': (['models/switch/base.gin'], ['NUM_EXPERTS = 8']),
+             'models/switch/decoder_common.gin': (['models/decoder/tiny.gin',
+                                                   'models/switch/decoder_common.gin'], [])}
+
+
 def _parse_shipped(path: str) -> None:
-  if not path.startswith('runs/'):
+  if path in FRAGMENTS:
+    gin_config.parse(*FRAGMENTS[path])
+  elif not path.startswith('runs/'):
     gin_config.parse([path])
   elif path == 'runs/recall_tiny.gin':
     gin_config.parse([path], RUN_MACROS)
@@ -72,6 +81,14 @@ def test_every_gin_file_parses_and_builds(path):
                                             ('xl', 2.85e9), ('xxl', 11.1e9)])
 def test_t5_1_1_parameter_counts(size, published):
   gin_config.parse([f'models/t5_1_1/{size}.gin'])
+  assert abs(_num_params() / published - 1) < 0.01
+
+
+# Switch Transformer paper (Fedus et al. 2021), Table 9: Switch-Base 7.4B, Switch-Large 26.3B.
+@pytest.mark.parametrize('path,published', [('models/switch/base_128.gin', 7.4e9),
+                                            ('models/switch/large_128.gin', 26.3e9)])
+def test_switch_parameter_counts(path, published):
+  gin_config.parse([path])
   assert abs(_num_params() / published - 1) < 0.01
 
 

@@ -47,7 +47,7 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
   assert 'saved checkpoint 4' in capsys.readouterr().out
 
   eval_dir = tmp_path / 'eval_run'
-  scores = main.main(['--run_mode=eval', '--gin_file=models/decoder/tiny.gin',
+  scores = main.main(['--run_mode=eval', '--gin_file=models/switch/decoder_tiny.gin',
                       '--gin_file=runs/eval.gin', f"--gin.MODEL_DIR='{eval_dir}'",
                       f"--gin.CHECKPOINT_PATH='{tmp_path / 'checkpoints'}'",
                       '--gin.VOCAB_SIZE=64', "--gin.ACTIVATION_DTYPE='float32'",

@@ -6,10 +6,10 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from efficientlm.layers.moe.config import MoeConfig
+
 POSITION_EMBEDDINGS = ('relative', 'rotary')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_with_no_batch_dims')
-
-
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Network hyperparameters. Defaults are T5.1.1 conventions; the gins set the sizes."""
@@ -42,6 +42,7 @@ class TransformerConfig:
   one_hot_embedding: bool = False
   scan_layers: bool = False
   remat_policy: str = 'none'
+  moe: MoeConfig | None = None  # None: every feed-forward layer is dense
 
   def __post_init__(self):
     # gin passes lists; keep the dataclass hashable.

@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efficientlm.models import losses
+from efficientlm.layers.moe.layer import MOE_COLLECTION
+from efficientlm.models import losses, moe_losses
 
 Batch = Mapping[str, jax.Array]
 
@@ -28,6 +29,9 @@ class BaseModel:
   z_loss: float = 0.0
   label_smoothing: float = 0.0
   loss_normalizing_factor: str | float | None = 'num_real_target_tokens'
+  # MoE router losses (used only when the network has MoE layers): Switch / ST-MoE weights.
+  moe_aux_loss_weight: float = 0.01
+  moe_z_loss_weight: float = 1e-3
 
   # Batch features the module takes, the required ones first.
   REQUIRED: ClassVar[tuple[str, ...]] = ()
@@ -61,11 +65,20 @@ class BaseModel:
 
     return init_params
 
-  def logits(self, params, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Logits; dropout is on exactly when a dropout RNG is given (training)."""
-    rngs = None if dropout_rng is None else {'dropout': dropout_rng}
-    return self.module.apply({'params': params}, **self._inputs(batch),
-                             enable_dropout=dropout_rng is not None, rngs=rngs)
+  def _apply(self, params, batch: Batch, rng: jax.Array | None):
+    """(logits, MoE summary). `rng` is the training randomness: dropout and router jitter draw
+    from their own streams of it; None means deterministic (evaluation, scoring)."""
+    rngs = None
+    if rng is not None:
+      rngs = {'dropout': jax.random.fold_in(rng, 0), 'jitter': jax.random.fold_in(rng, 1)}
+    logits, state = self.module.apply({'params': params}, **self._inputs(batch),
+                                      enable_dropout=rng is not None, rngs=rngs,
+                                      mutable=[MOE_COLLECTION])
+    return logits, moe_losses.summarize(state)
+
+  def logits(self, params, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
+    """Logits; dropout (and router jitter) are on exactly when an RNG is given (training)."""
+    return self._apply(params, batch, rng)[0]
 
   @staticmethod
   def _weights(batch: Batch) -> jax.Array:
@@ -74,38 +87,49 @@ class BaseModel:
       weights = batch['decoder_target_tokens'] > 0
     return weights.astype(jnp.float32)
 
-  def loss_sums(self, params, batch: Batch,
-                dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
-    """Weighted sums over the batch: loss, z_loss, cross_entropy, correct, num_tokens.
+  def loss_sums(self, params, batch: Batch, rng: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Weighted sums over the batch: loss, z_loss, cross_entropy, correct, num_tokens, and for
+    MoE models moe/<statistic> (see moe_losses) times num_tokens.
 
     Sums (not means) so that microbatches add up exactly; `normalize` turns them into the loss
-    and metrics of the whole batch.
+    and metrics of the whole batch. The MoE router losses enter per token: the loss gains
+    moe_aux_loss_weight * load balancing + moe_z_loss_weight * router z-loss, both averaged over
+    the MoE layers.
     """
-    logits = self.logits(params, batch, dropout_rng)
+    logits, moe = self._apply(params, batch, rng)
     targets, weights = batch['decoder_target_tokens'], self._weights(batch)
     per_token, z = losses.cross_entropy_with_logits(logits, targets, self.z_loss,
                                                     self.label_smoothing)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return {'loss': jnp.sum(per_token * weights), 'z_loss': jnp.sum(z * weights),
-            'cross_entropy': jnp.sum((per_token - z) * weights),
-            'correct': jnp.sum(correct * weights), 'num_tokens': jnp.sum(weights)}
+    num_tokens = jnp.sum(weights)
+    cross_entropy = jnp.sum((per_token - z) * weights)
+    loss = jnp.sum(per_token * weights)
+    if moe:
+      loss += num_tokens * (self.moe_aux_loss_weight * moe['load_balancing_loss'] +
+                            self.moe_z_loss_weight * moe['router_z_loss'])
+    sums = {'loss': loss, 'z_loss': jnp.sum(z * weights), 'cross_entropy': cross_entropy,
+            'correct': jnp.sum(correct * weights), 'num_tokens': num_tokens}
+    sums.update({f'moe/{k}': v * num_tokens for k, v in moe.items()})
+    return sums
 
   def normalize(self, sums: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, metrics) from `loss_sums`, summed over any number of microbatches."""
     denominator = losses.normalizer(sums['num_tokens'], self.loss_normalizing_factor)
+    tokens = jnp.maximum(sums['num_tokens'], 1e-8)
     metrics = {
         'loss': sums['loss'] / denominator,
         'z_loss': sums['z_loss'] / denominator,
         'cross_entropy': sums['cross_entropy'] / denominator,
-        'accuracy': sums['correct'] / jnp.maximum(sums['num_tokens'], 1e-8),
+        'accuracy': sums['correct'] / tokens,
         'num_tokens': sums['num_tokens'],
     }
+    metrics.update({k: v / tokens for k, v in sums.items() if k.startswith('moe/')})
     return metrics['loss'], metrics
 
   def loss_fn(self, params, batch: Batch,
-              dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted cross-entropy (with z-loss, label smoothing) and its metrics."""
-    return self.normalize(self.loss_sums(params, batch, dropout_rng))
+              rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted cross-entropy (with z-loss, label smoothing, MoE router losses) and metrics."""
+    return self.normalize(self.loss_sums(params, batch, rng))
 
   def token_scores(self, params, batch: Batch) -> jax.Array:
     """log p(target token) at every position, zero where the loss weight is zero."""

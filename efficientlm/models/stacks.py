@@ -12,7 +12,7 @@ from efficientlm.layers.dense import DenseGeneral, Embed
 from efficientlm.layers.position import RelativePositionBias
 from efficientlm.models.config import TransformerConfig
 from efficientlm.models.transformer import (DecoderLayer, EncoderLayer, norm, residual_dropout,
-                                            stack_layers)
+                                            sparse_pattern, stack_layers)
 
 _HIDDEN = ('batch', 'length', 'embed')
 
@@ -54,8 +54,8 @@ class Encoder(nn.Module):
         masks.make_attention_mask(valid, valid),
         None if segment_ids is None else masks.make_segment_mask(segment_ids, segment_ids))
     bias = position_bias(cfg, positions, bidirectional=True)
-    x = stack_layers(EncoderLayer, cfg.num_encoder_layers, cfg, x, (mask, bias, positions),
-                     deterministic=deterministic)
+    x = stack_layers(EncoderLayer, sparse_pattern(cfg, cfg.num_encoder_layers, 'encoder'), cfg,
+                     x, (mask, bias, positions), deterministic=deterministic)
     x = norm(cfg, 'encoder_norm')(x)
     return partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
 
@@ -92,8 +92,8 @@ class Decoder(nn.Module):
     args = (mask, bias, positions)
     if self.cross_attention:
       args += (encoded, encoder_decoder_mask)
-    x = stack_layers(DecoderLayer, cfg.num_decoder_layers, cfg, x, args,
-                     deterministic=deterministic, cross_attention=self.cross_attention)
+    x = stack_layers(DecoderLayer, sparse_pattern(cfg, cfg.num_decoder_layers, 'decoder'), cfg,
+                     x, args, deterministic=deterministic, cross_attention=self.cross_attention)
     x = norm(cfg, 'decoder_norm')(x)
     x = partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
     if cfg.logits_via_embedding:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 
 from efficientlm.layers.attention import MultiHeadAttention
 from efficientlm.layers.mlp import MlpBlock
+from efficientlm.layers.moe.layer import MOE_COLLECTION, MoeLayer
 from efficientlm.layers.norms import RMSNorm
 from efficientlm.models.config import TransformerConfig
 
@@ -33,6 +36,22 @@ def attention(cfg: TransformerConfig, name: str, self_attention: bool) -> MultiH
       param_dtype=cfg.weight_dtype, name=name)
 
 
+def feed_forward(cfg: TransformerConfig, sparse: bool, causal: bool) -> nn.Module:
+  """The layer's `mlp`: a dense MLP, or a Mixture-of-Experts layer where the layout says so."""
+  if sparse:
+    return MoeLayer(cfg.moe, cfg.moe.expert_mlp_dim or cfg.mlp_dim, cfg.mlp_activations,
+                    causal=causal, dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype,
+                    name='mlp')
+  return MlpBlock(cfg.mlp_dim, cfg.mlp_activations, intermediate_dropout_rate=cfg.dropout_rate,
+                  dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype, name='mlp')
+
+
+def sparse_pattern(cfg: TransformerConfig, num_layers: int, stack: str) -> tuple[bool, ...]:
+  if cfg.moe is None:
+    return (False,) * num_layers
+  return cfg.moe.sparse_layers(num_layers, stack)
+
+
 def residual_dropout(cfg: TransformerConfig, x: jax.Array, deterministic: bool) -> jax.Array:
   return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
 
@@ -42,6 +61,7 @@ class EncoderLayer(nn.Module):
 
   config: TransformerConfig
   deterministic: bool = True
+  sparse: bool = False
 
   @nn.compact
   def __call__(self, x, mask, bias, positions):
@@ -50,8 +70,7 @@ class EncoderLayer(nn.Module):
     h = attention(cfg, 'attention', True)(h, h, mask, bias, positions, positions, det)
     x = x + residual_dropout(cfg, h, det)
     h = norm(cfg, 'pre_mlp_layer_norm')(x)
-    h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, intermediate_dropout_rate=cfg.dropout_rate,
-                 dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype, name='mlp')(h, det)
+    h = feed_forward(cfg, self.sparse, causal=False)(h, det)
     return x + residual_dropout(cfg, h, det), None
 
 
@@ -60,6 +79,7 @@ class DecoderLayer(nn.Module):
 
   config: TransformerConfig
   deterministic: bool = True
+  sparse: bool = False
   cross_attention: bool = True
 
   @nn.compact
@@ -74,29 +94,68 @@ class DecoderLayer(nn.Module):
           h, encoded, encoder_decoder_mask, deterministic=det)
       x = x + residual_dropout(cfg, h, det)
     h = norm(cfg, 'pre_mlp_layer_norm')(x)
-    h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, intermediate_dropout_rate=cfg.dropout_rate,
-                 dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype, name='mlp')(h, det)
+    h = feed_forward(cfg, self.sparse, causal=True)(h, det)
     return x + residual_dropout(cfg, h, det), None
 
 
-def stack_layers(layer_cls, num_layers: int, cfg: TransformerConfig, x: jax.Array,
+class LayerBlock(nn.Module):
+  """`len(pattern)` consecutive layers (named layers_0, layers_1, ...): the unit that nn.scan
+  repeats when dense and sparse layers alternate."""
+
+  layer_cls: type
+  config: TransformerConfig
+  pattern: tuple[bool, ...]
+  layer_kwargs: tuple[tuple[str, Any], ...] = ()
+
+  @nn.compact
+  def __call__(self, x, *args):
+    for j, sparse in enumerate(self.pattern):
+      x, _ = self.layer_cls(config=self.config, sparse=sparse, name=f'layers_{j}',
+                            **dict(self.layer_kwargs))(x, *args)
+    return x, None
+
+
+def pattern_period(pattern: tuple[bool, ...]) -> int:
+  """The shortest period p (dividing the length) with pattern[i] == pattern[i % p]."""
+  n = len(pattern)
+  for p in range(1, n + 1):
+    if n % p == 0 and all(pattern[i] == pattern[i % p] for i in range(n)):
+      return p
+  return n
+
+
+def stack_layers(layer_cls, sparse: tuple[bool, ...], cfg: TransformerConfig, x: jax.Array,
                  broadcast_args: tuple, **layer_kwargs) -> jax.Array:
-  """Applies `num_layers` copies of `layer_cls` to `x`, inside the calling module's scope.
+  """Applies len(sparse) layers of `layer_cls` to `x` (layer i sparse iff sparse[i]), inside the
+  calling module's scope.
 
   Unscanned, the layers are named layers_0 ... layers_{n-1} (T5X checkpoint names). With
-  `cfg.scan_layers` they are one nn.scan named `layers` whose parameters carry a leading axis of
-  length n (logical name 'layers'), so compile time does not grow with depth.
+  `cfg.scan_layers` they are one nn.scan named `layers` whose parameters carry a leading axis
+  (logical name 'layers'), so compile time does not grow with depth. If dense and sparse layers
+  alternate with period p > 1, the scan repeats blocks of p layers (layers/layers_0 ...
+  layers/layers_{p-1}) n / p times.
   """
+  num_layers = len(sparse)
   cls = layer_cls
   if cfg.remat_policy != 'none':
     # prevent_cse is unnecessary inside scan and costs performance there.
     cls = nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-  if cfg.scan_layers:
-    scanned = nn.scan(cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                      in_axes=(nn.broadcast,) * len(broadcast_args), length=num_layers,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
-    x, _ = scanned(config=cfg, name='layers', **layer_kwargs)(x, *broadcast_args)
+  if not cfg.scan_layers:
+    for i in range(num_layers):
+      x, _ = cls(config=cfg, sparse=sparse[i], name=f'layers_{i}', **layer_kwargs)(
+          x, *broadcast_args)
     return x
-  for i in range(num_layers):
-    x, _ = cls(config=cfg, name=f'layers_{i}', **layer_kwargs)(x, *broadcast_args)
+  # An irregular pattern is one block scanned once: correct, without the compile-time gain.
+  period = pattern_period(sparse)
+  if period == 1:
+    unit, unit_kwargs = cls, dict(layer_kwargs, sparse=sparse[0])
+  else:
+    unit = LayerBlock
+    unit_kwargs = dict(layer_cls=cls, pattern=sparse[:period],
+                       layer_kwargs=tuple(sorted(layer_kwargs.items())))
+  scanned = nn.scan(unit, variable_axes={'params': 0, MOE_COLLECTION: 0},
+                    split_rngs={'params': True, 'dropout': True, 'jitter': True},
+                    in_axes=(nn.broadcast,) * len(broadcast_args), length=num_layers // period,
+                    metadata_params={nn.PARTITION_NAME: 'layers'})
+  x, _ = scanned(config=cfg, name='layers', **unit_kwargs)(x, *broadcast_args)
   return x

@@ -31,9 +31,10 @@ from efficientlm.training.optimizers import Optimizer
 from efficientlm.training.steps import TrainState, make_eval_step, make_train_step
 
 
-# The training metrics printed on stdout; TensorBoard gets every one.
+# The training metrics printed on stdout (those present); TensorBoard gets every one.
 STDOUT_METRICS = ('loss', 'accuracy', 'learning_rate', 'grad_norm', 'step_time_s', 'tokens_per_s',
-                  'mfu')
+                  'mfu', 'moe/load_balancing_loss', 'moe/router_z_loss', 'moe/fraction_dropped',
+                  'moe/expert_load_min', 'moe/expert_load_max', 'moe/expert_load_entropy')
 
 
 @dataclasses.dataclass

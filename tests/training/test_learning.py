@@ -1,11 +1,14 @@
-"""The decoder preset learns: associative recall in a few hundred steps (an initialization
-regression test; with GPT-2's 0.02 embeddings under unit-scale layers this model stayed at the
-copy-a-value plateau of ~30% for 8000 steps)."""
+"""The decoder presets learn: associative recall in a few hundred steps, dense and with a Switch
+layer whose experts stay evenly loaded. (Also an initialization regression test: with GPT-2's
+0.02 embeddings under unit-scale layers the dense model stayed at the copy-a-value plateau of
+~30% for 8000 steps.)"""
 
 import jax
 import numpy as np
+import pytest
 
 from efficientlm import partitioning
+from efficientlm.layers.moe.config import MoeConfig
 from efficientlm.training import optimizers
 from efficientlm.training.steps import TrainState, make_train_step
 from tests import helpers
@@ -28,9 +31,11 @@ def recall_batch(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
           'decoder_target_tokens': targets, 'decoder_loss_weights': weights}
 
 
-def test_tiny_decoder_learns_associative_recall():
+@pytest.mark.parametrize('moe', [None, MoeConfig(4, layout='every', period=2)],
+                         ids=['dense', 'switch'])
+def test_tiny_decoder_learns_associative_recall(moe):
   model = helpers.decoder_model(vocab_size=2 + KEYS + VALUES, emb_dim=64, head_dim=16,
-                                mlp_dim=256, num_kv_heads=1)
+                                mlp_dim=256, num_kv_heads=1, moe=moe)
   rng = np.random.default_rng(0)
   params = partitioning.unbox(model.init(jax.random.key(0), recall_batch(rng, 2))['params'])
   optimizer = optimizers.adamw(optimizers.warmup_cosine_schedule(3e-3, 50, 400),
@@ -38,7 +43,13 @@ def test_tiny_decoder_learns_associative_recall():
   state = TrainState(step=jax.numpy.int32(0), params=params,
                      opt_state=optimizer.tx.init(params))
   step = jax.jit(make_train_step(model, optimizer))
+  losses = []
   for _ in range(400):
-    state, _ = step(state, recall_batch(rng, 32))
+    state, train_metrics = step(state, recall_batch(rng, 32))
+    losses.append(float(train_metrics['cross_entropy']))
   _, metrics = model.loss_fn(state.params, recall_batch(np.random.default_rng(1), 512))
   assert float(metrics['accuracy']) > 0.9
+  assert np.mean(losses[-20:]) < 0.1 * np.mean(losses[:20])
+  if moe is not None:  # the load-balancing loss kept the 4 experts evenly used
+    assert float(metrics['moe/expert_load_min']) > 0.15
+    assert float(metrics['moe/expert_load_max']) < 0.35

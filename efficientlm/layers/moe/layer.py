@@ -1,0 +1,201 @@
+"""The Mixture-of-Experts feed-forward layer, in four named steps: route, dispatch, experts,
+combine. Two dispatch implementations:
+
+  'dropping'  GShard/T5X: one-hot dispatch and combine tensors [G, T, E, C] and einsums; tokens
+              over an expert's capacity C are dropped (their output is 0; the residual carries
+              them). Expert inputs are [E, G, C, d]: sharding experts over the 'expert' mesh axis
+              and groups over the batch axes makes the dispatch einsum an all-to-all.
+  'dropless'  MegaBlocks style: every token-choice is kept; choices are sorted by expert, the
+              experts run as grouped matmuls over the ragged groups (jax.lax.ragged_dot), and the
+              results are unsorted and combined.
+
+Parameter names follow T5X/flaxformer: mlp/router/router_weights/w/kernel [d, E] and
+mlp/expert/{wi_0, wi_1, wo}/kernel with a leading expert axis. Router losses and statistics are
+sown into the 'moe' collection (see efficientlm.models.moe_losses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efficientlm import partitioning
+from efficientlm.layers.dense import DenseGeneral
+from efficientlm.layers.mlp import get_activation
+from efficientlm.layers.moe import routing
+from efficientlm.layers.moe.config import MoeConfig
+
+# Switch: small router init ("reduce the initialization scale by 10x").
+ROUTER_INIT = nn.initializers.truncated_normal(stddev=0.02)
+EXPERT_INIT = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=-2,
+                                               out_axis=-1, batch_axis=(0,))
+MOE_COLLECTION = 'moe'
+
+
+class RouterWeights(nn.Module):
+  num_experts: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # Router logits in float32 whatever the activation dtype.
+    return DenseGeneral(self.num_experts, ('embed', 'unmodeled'), kernel_init=ROUTER_INIT,
+                        dtype=jnp.float32, name='w')(x)
+
+
+class Router(nn.Module):
+  num_experts: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return RouterWeights(self.num_experts, name='router_weights')(x)
+
+
+class ExpertKernel(nn.Module):
+  """One expert weight stacked over experts: [E, in, out]."""
+
+  shape: tuple[int, int, int]
+  axes: tuple[str, str, str]
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return self.param('kernel', nn.with_logical_partitioning(EXPERT_INIT, self.axes), self.shape,
+                      self.param_dtype)
+
+
+class Experts(nn.Module):
+  """E copies of the (gated) MLP, applied by einsum over dispatched slots or by ragged_dot."""
+
+  num_experts: int
+  intermediate_dim: int
+  activations: Sequence[str]
+  dropout_rate: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def _kernels(self, d: int):
+    names = ['wi'] if len(self.activations) == 1 else [
+        f'wi_{i}' for i in range(len(self.activations))]
+    wi = [ExpertKernel((self.num_experts, d, self.intermediate_dim),
+                       ('expert', 'embed', 'expert_mlp'), self.param_dtype, name=n)()
+          for n in names]
+    wo = ExpertKernel((self.num_experts, self.intermediate_dim, d),
+                      ('expert', 'expert_mlp', 'embed'), self.param_dtype, name='wo')()
+    return [jnp.asarray(w, self.dtype) for w in wi], jnp.asarray(wo, self.dtype)
+
+  def _hidden(self, projections, deterministic):
+    hidden = None
+    for act, h in zip(self.activations, projections):
+      h = get_activation(act)(h)
+      hidden = h if hidden is None else hidden * h
+    return nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               group_sizes: jax.Array | None = None) -> jax.Array:
+    """x: [E, G, C, d] dispatched slots, or, with `group_sizes` [E], [N, d] rows sorted by
+    expert (the dropless path)."""
+    wi, wo = self._kernels(x.shape[-1])
+    x = jnp.asarray(x, self.dtype)
+    if group_sizes is None:
+      hidden = self._hidden([jnp.einsum('egcd,edf->egcf', x, w) for w in wi], deterministic)
+      hidden = partitioning.constrain(hidden, ('expert', 'batch', None, 'expert_mlp'))
+      return jnp.einsum('egcf,efd->egcd', hidden, wo)
+    hidden = self._hidden([jax.lax.ragged_dot(x, w, group_sizes) for w in wi], deterministic)
+    return jax.lax.ragged_dot(hidden, wo, group_sizes)
+
+
+class MoeLayer(nn.Module):
+  """Replaces a Transformer layer's MLP. x: [batch, length, d] -> same."""
+
+  config: MoeConfig
+  intermediate_dim: int
+  activations: Sequence[str] = ('gelu', 'linear')
+  causal: bool = False  # in a causal decoder (experts-choose would look ahead)
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def _groups(self, x: jax.Array) -> jax.Array:
+    """[B, L, d] -> [G, T, d]: one group per sequence, or the fewest groups of at most
+    max_group_size tokens that split the batch's tokens evenly (T5X's grouping)."""
+    limit = self.config.max_group_size
+    if limit is None:
+      return x
+    tokens = x.shape[0] * x.shape[1]
+    groups = next(g for g in range(-(-tokens // limit), tokens + 1) if tokens % g == 0)
+    return x.reshape(groups, tokens // groups, x.shape[-1])
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    cfg = self.config
+    if cfg.router == 'experts_choose' and self.causal:
+      raise ValueError('Experts-choose routing lets a token\'s route depend on later tokens of its '
+                       'group; it cannot be used in a causal decoder. Use router '
+                       "'tokens_choose' there.")
+    batch, length, d = x.shape
+    groups = partitioning.constrain(self._groups(x), ('batch', None, 'embed'))
+
+    # 1. route (float32), with Switch's jitter on the router input while training.
+    router_in = groups
+    if cfg.router_jitter > 0 and not deterministic:
+      router_in = routing.jitter(groups, self.make_rng('jitter'), cfg.router_jitter)
+    logits = Router(cfg.num_experts, name='router')(router_in)
+    experts = Experts(cfg.num_experts, self.intermediate_dim, tuple(self.activations),
+                      cfg.expert_dropout_rate, self.dtype, self.param_dtype, name='expert')
+    if cfg.dispatch == 'dropless':
+      out, aux = self._dropless(groups, logits, experts, deterministic)
+    else:
+      out, aux = self._dropping(groups, logits, experts, deterministic)
+    for name, value in aux.items():
+      self.sow(MOE_COLLECTION, name, value)
+    out = out.reshape(batch, length, d).astype(self.dtype)
+    return partitioning.constrain(out, ('batch', 'length', 'embed'))
+
+  def _dropping(self, groups, logits, experts, deterministic):
+    cfg = self.config
+    factor = cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor
+    k = cfg.num_selected_experts if cfg.router == 'tokens_choose' else 1
+    capacity = routing.expert_capacity(groups.shape[1], cfg.num_experts, factor,
+                                       cfg.min_expert_capacity, k)
+    if cfg.router == 'experts_choose':
+      route = routing.experts_choose(logits, capacity)
+    else:
+      route = routing.tokens_choose(logits, capacity, k, cfg.renormalize_gates,
+                                    cfg.batch_prioritized_routing and not self.causal)
+    # 2. dispatch: [G, T, d] -> [E, G, C, d] (an all-to-all when experts and groups are sharded).
+    dispatched = jnp.einsum('gtd,gtec->egcd', groups,
+                            route.dispatch_mask.astype(groups.dtype))
+    dispatched = partitioning.constrain(dispatched, ('expert', 'batch', None, 'embed'))
+    # 3. experts.
+    out = experts(dispatched, deterministic)
+    out = partitioning.constrain(out, ('expert', 'batch', None, 'embed'))
+    # 4. combine: back to [G, T, d], weighted by the gates.
+    combined = jnp.einsum('egcd,gtec->gtd', out, route.combine_weights.astype(out.dtype))
+    return combined, route.aux
+
+  def _dropless(self, groups, logits, experts, deterministic):
+    cfg = self.config
+    k = cfg.num_selected_experts
+    probs = routing.router_probabilities(logits)
+    choice = routing.top_k_assignment(probs, k, cfg.renormalize_gates)
+    num_tokens = groups.shape[0] * groups.shape[1]
+    tokens = groups.reshape(num_tokens, groups.shape[-1])
+    expert_of = choice.expert_index.reshape(num_tokens * k)
+    # 2. dispatch: token-choices sorted by expert (stable: position order within an expert).
+    order = jnp.argsort(expert_of, stable=True)
+    token_of = order // k
+    sizes = jnp.bincount(expert_of, length=cfg.num_experts).astype(jnp.int32)
+    # 3. experts, as grouped matmuls over the ragged groups.
+    out = experts(tokens[token_of], deterministic, group_sizes=sizes)
+    # 4. combine: weight by the gates and add each choice back to its token.
+    gates = choice.gates.reshape(num_tokens * k)[order]
+    combined = jnp.zeros(tokens.shape, out.dtype).at[token_of].add(
+        out * gates[:, None].astype(out.dtype))
+    aux = {'load_balancing_loss': routing.load_balancing_loss(probs, choice.expert_index),
+           'router_z_loss': routing.router_z_loss(logits),
+           'fraction_dropped': jnp.zeros((), jnp.float32),
+           'expert_load': sizes.astype(jnp.float32) / (num_tokens * k)}
+    return combined.reshape(groups.shape), aux
