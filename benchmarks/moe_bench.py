@@ -2,9 +2,10 @@
 
 Top-1 routing: each token runs one expert of width F, so the dense baseline is one MLP of width
 F. Reported per point: median step time of the MoE layer divided by the dense layer's (same
-process, same tokens), and the compiled program's memory (arguments + outputs + scratch, from
-XLA's memory analysis) relative to dense. Dropping dispatch is measured at each capacity factor;
-dropless has none.
+process, same tokens), and the compiled program's memory from XLA's memory analysis relative to
+dense: in all (arguments + outputs + scratch, so including the E-fold expert weights and their
+gradients) and scratch only (activations and dispatch buffers, where the dispatch paths differ).
+Dropping dispatch is measured at each capacity factor; dropless has none.
 
   python -m benchmarks.moe_bench                       # the full grid
   python -m benchmarks.moe_bench --experts 8 --tokens 4096 --repeats 3
@@ -43,17 +44,22 @@ def measure(layer, x, moe: bool, repeats: int) -> dict:
   step, params = _step(layer, x, moe)
   compiled = step.lower(params, x).compile()
   stats = compiled.memory_analysis()
-  memory = None
+  memory = scratch = None
   if stats is not None:
     memory = (stats.argument_size_in_bytes + stats.output_size_in_bytes +
               stats.temp_size_in_bytes)
+    scratch = stats.temp_size_in_bytes
   jax.block_until_ready(compiled(params, x))  # warm up
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(compiled(params, x))
     times.append(time.perf_counter() - start)
-  return {'seconds': statistics.median(times), 'memory_bytes': memory}
+  return {'seconds': statistics.median(times), 'memory_bytes': memory, 'scratch_bytes': scratch}
+
+
+def _ratio(a, b):
+  return round(a / b, 3) if a and b else None
 
 
 def main():
@@ -65,7 +71,8 @@ def main():
   parser.add_argument('--mlp_dim', type=int, default=1024)
   parser.add_argument('--group_size', type=int, default=1024)
   parser.add_argument('--dtype', default='float32')
-  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--grouped_matmul', default='auto')
   args = parser.parse_args()
   dtype = jnp.dtype(args.dtype)
   activations = ('gelu', 'linear')
@@ -77,15 +84,18 @@ def main():
     points = [('dropless', None)] + [('dropping', cf) for cf in args.capacity_factors]
     for experts, (dispatch, factor) in itertools.product(args.experts, points):
       cfg = MoeConfig(experts, layout='all', dispatch=dispatch, num_selected_experts=1,
-                      train_capacity_factor=factor or 1.0, max_group_size=args.group_size)
+                      train_capacity_factor=factor or 1.0, max_group_size=args.group_size,
+                      grouped_matmul=args.grouped_matmul)
       moe = measure(MoeLayer(cfg, args.mlp_dim, activations, dtype=dtype), x, True, args.repeats)
       row = {'tokens': tokens, 'experts': experts, 'dispatch': dispatch,
              'capacity_factor': factor, 'moe_seconds': round(moe['seconds'], 4),
              'dense_seconds': round(dense['seconds'], 4),
              'time_ratio': round(moe['seconds'] / dense['seconds'], 3),
              'moe_memory_bytes': moe['memory_bytes'], 'dense_memory_bytes': dense['memory_bytes'],
-             'memory_ratio': (round(moe['memory_bytes'] / dense['memory_bytes'], 3)
-                              if moe['memory_bytes'] and dense['memory_bytes'] else None)}
+             'memory_ratio': _ratio(moe['memory_bytes'], dense['memory_bytes']),
+             'moe_scratch_bytes': moe['scratch_bytes'],
+             'dense_scratch_bytes': dense['scratch_bytes'],
+             'scratch_ratio': _ratio(moe['scratch_bytes'], dense['scratch_bytes'])}
       print(row, flush=True)
       results.append(row)
   config = dict(vars(args), activations=activations, routing='tokens_choose top-1',

@@ -209,6 +209,17 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def activation_axis_size(logical_axis: str) -> int:
+  """How many ways the active rules split activations along `logical_axis` (1 outside a mesh
+  context or when it is unsharded)."""
+  active = _ACTIVE.get()
+  if active is None:
+    return 1
+  mesh, rules = active
+  spec = logical_to_spec((logical_axis,), rules, mesh)[0]
+  return math.prod(mesh.shape[a] for a in _as_tuple(spec)) if spec else 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Parameters: shardings from LogicallyPartitioned boxes, and sharded initialization.
 

@@ -43,10 +43,13 @@ class DenseGeneral(nn.Module):
     in_shape = tuple(inputs.shape[a] for a in axis)
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                         (math.prod(in_shape), math.prod(features)), self.param_dtype)
-    kernel = jnp.asarray(kernel, self.dtype).reshape(in_shape + features)
+    kernel = jnp.asarray(kernel, self.dtype)
     inputs = jnp.asarray(inputs, self.dtype)
-    contract = (axis, tuple(range(len(axis))))
-    return jax.lax.dot_general(inputs, kernel, (contract, ((), ())))
+    # One 2D matmul over all leading dims: XLA:CPU runs the kernel gradient of a contraction
+    # over several batch dims ([B, L, d] x [B, L, f]) about 2x slower than the same 2D GEMM.
+    lead = inputs.shape[:inputs.ndim - len(axis)]
+    out = inputs.reshape(math.prod(lead), kernel.shape[0]) @ kernel
+    return out.reshape(lead + features)
 
 
 class Embed(nn.Module):

@@ -7,6 +7,7 @@ import dataclasses
 MOE_LAYOUTS = ('all', 'mixed', 'every', 'explicit')
 ROUTERS = ('tokens_choose', 'experts_choose')
 DISPATCHES = ('dropping', 'dropless')
+GROUPED_MATMULS = ('auto', 'blocked', 'ragged_dot')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,8 @@ class MoeConfig:
   # split into the fewest groups that divide them evenly. None: one group per sequence.
   max_group_size: int | None = None
   dispatch: str = 'dropping'
+  # The dropless path's grouped matmul: 'auto', 'blocked' or 'ragged_dot' (see grouped_matmul.py).
+  grouped_matmul: str = 'auto'
   router_jitter: float = 0.0  # Switch: multiplicative noise on the router input in training
   expert_dropout_rate: float = 0.0  # dropout on the experts' hidden units
 
@@ -53,6 +56,8 @@ class MoeConfig:
         (self.layout in MOE_LAYOUTS, f'layout {self.layout!r} not in {MOE_LAYOUTS}'),
         (self.router in ROUTERS, f'router {self.router!r} not in {ROUTERS}'),
         (self.dispatch in DISPATCHES, f'dispatch {self.dispatch!r} not in {DISPATCHES}'),
+        (self.grouped_matmul in GROUPED_MATMULS,
+         f'grouped_matmul {self.grouped_matmul!r} not in {GROUPED_MATMULS}'),
         (1 <= self.num_selected_experts <= self.num_experts,
          f'num_selected_experts {self.num_selected_experts} must be in [1, num_experts = '
          f'{self.num_experts}]'),

@@ -6,8 +6,8 @@ combine. Two dispatch implementations:
               them). Expert inputs are [E, G, C, d]: sharding experts over the 'expert' mesh axis
               and groups over the batch axes makes the dispatch einsum an all-to-all.
   'dropless'  MegaBlocks style: every token-choice is kept; choices are sorted by expert, the
-              experts run as grouped matmuls over the ragged groups (jax.lax.ragged_dot), and the
-              results are unsorted and combined.
+              experts run as grouped matmuls over the ragged groups (grouped_matmul.py: a
+              blocked loop, or jax.lax.ragged_dot), and the results are unsorted and combined.
 
 Parameter names follow T5X/flaxformer: mlp/router/router_weights/w/kernel [d, E] and
 mlp/expert/{wi_0, wi_1, wo}/kernel with a leading expert axis. Router losses and statistics are
@@ -16,6 +16,7 @@ sown into the 'moe' collection (see efficientlm.models.moe_losses).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -27,6 +28,7 @@ from efficientlm.layers.dense import DenseGeneral
 from efficientlm.layers.mlp import get_activation
 from efficientlm.layers.moe import routing
 from efficientlm.layers.moe.config import MoeConfig
+from efficientlm.layers.moe.grouped_matmul import grouped_matmul
 
 # Switch: small router init ("reduce the initialization scale by 10x").
 ROUTER_INIT = nn.initializers.truncated_normal(stddev=0.02)
@@ -75,6 +77,7 @@ class Experts(nn.Module):
   dropout_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  grouped_matmul: str = 'auto'  # the dropless path's implementation (grouped_matmul.py)
 
   def _kernels(self, d: int):
     names = ['wi'] if len(self.activations) == 1 else [
@@ -101,11 +104,18 @@ class Experts(nn.Module):
     wi, wo = self._kernels(x.shape[-1])
     x = jnp.asarray(x, self.dtype)
     if group_sizes is None:
-      hidden = self._hidden([jnp.einsum('egcd,edf->egcf', x, w) for w in wi], deterministic)
-      hidden = partitioning.constrain(hidden, ('expert', 'batch', None, 'expert_mlp'))
-      return jnp.einsum('egcf,efd->egcd', hidden, wo)
-    hidden = self._hidden([jax.lax.ragged_dot(x, w, group_sizes) for w in wi], deterministic)
-    return jax.lax.ragged_dot(hidden, wo, group_sizes)
+      # Groups x capacity as one dim: each expert is one batched 2D matmul (XLA:CPU runs kernel
+      # gradients contracting two dims about 2x slower).
+      e, g, c, d = x.shape
+      x = x.reshape(e, g * c, d)
+      hidden = self._hidden([jnp.einsum('etd,edf->etf', x, w) for w in wi], deterministic)
+      hidden = partitioning.constrain(hidden.reshape(e, g, c, -1),
+                                      ('expert', 'batch', None, 'expert_mlp'))
+      return jnp.einsum('etf,efd->etd', hidden.reshape(e, g * c, -1), wo).reshape(e, g, c, d)
+    gmm = functools.partial(grouped_matmul, group_sizes=group_sizes,
+                            implementation=self.grouped_matmul)
+    hidden = self._hidden([gmm(x, w) for w in wi], deterministic)
+    return gmm(hidden, wo)
 
 
 class MoeLayer(nn.Module):
@@ -144,7 +154,8 @@ class MoeLayer(nn.Module):
       router_in = routing.jitter(groups, self.make_rng('jitter'), cfg.router_jitter)
     logits = Router(cfg.num_experts, name='router')(router_in)
     experts = Experts(cfg.num_experts, self.intermediate_dim, tuple(self.activations),
-                      cfg.expert_dropout_rate, self.dtype, self.param_dtype, name='expert')
+                      cfg.expert_dropout_rate, self.dtype, self.param_dtype, cfg.grouped_matmul,
+                      name='expert')
     if cfg.dispatch == 'dropless':
       out, aux = self._dropless(groups, logits, experts, deterministic)
     else:

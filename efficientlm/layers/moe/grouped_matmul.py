@@ -1,0 +1,141 @@
+"""Grouped matmul for dropless MoE: rows sorted by expert times that expert's weight.
+
+out[r] = x[r] @ w[g(r)] where rows [start_g, start_g + group_sizes[g]) belong to group g (the
+semantics of jax.lax.ragged_dot; rows past sum(group_sizes) give 0).
+
+Two implementations:
+
+  'ragged_dot'  jax.lax.ragged_dot. TPU compiles it to a grouped-matmul kernel. CPU XLA, and GPU
+                XLA for the weight gradient, expand it into a dense masked dot over all groups:
+                G times the FLOPs and a [G, M, K] temporary.
+  'blocked'     MegaBlocks/megablox-style tiling in plain JAX: each group's rows are cut into
+                blocks of `block_size` rows, and one loop step multiplies one block by its
+                group's weight. Work is (M + G * block_size) * K * N at most, memory O(M * N).
+                The backward pass is one more loop of the same kind computing both gradients
+                (a custom VJP), so no per-step weight copies are saved for it.
+
+'auto' picks ragged_dot on TPU or when the expert axis is sharded (GSPMD partitions ragged_dot
+over experts, not a loop), blocked otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from efficientlm import partitioning
+from efficientlm.layers.moe.config import GROUPED_MATMULS
+
+
+def block_size_for(rows: int, groups: int) -> int:
+  """A power of two near a quarter of the mean group size, within [64, 256]: smaller blocks
+  waste less work on each group's last partial block, larger ones pay the per-step loop cost
+  less often (measured on CPU; see benchmarks/moe_bench.py)."""
+  target = rows / groups / 4
+  size = 64
+  while size < 256 and size * 2 <= target:
+    size *= 2
+  return size
+
+
+def _plan(group_sizes: jax.Array, rows: int, block: int):
+  """Blocks in row order, a static number of them: each block's group, first row, and the end
+  row of its group. Blocks past the real count get first row `rows` (they write into padding)."""
+  num_groups = group_sizes.shape[0]
+  max_blocks = -(-rows // block) + num_groups
+  ends = jnp.cumsum(group_sizes)
+  starts = ends - group_sizes
+  blocks_per_group = -(-group_sizes // block)
+  block_ends = jnp.cumsum(blocks_per_group)
+  index = jnp.arange(max_blocks)
+  group = jnp.minimum(jnp.searchsorted(block_ends, index, side='right'), num_groups - 1)
+  within = index - (block_ends[group] - blocks_per_group[group])
+  real = index < block_ends[-1]
+  first = jnp.where(real, starts[group] + within * block, rows)
+  return group, first, ends[group]
+
+
+def _gmm(x, w, group_sizes, block):
+  """Forward loop: out[block rows] = x[block rows] @ w[group].
+
+  A group's last block also writes rows past the group's end; those rows belong to later groups
+  (whose blocks come later in the loop and overwrite them) or lie past sum(group_sizes) (zeroed
+  at the end), so no step needs a mask.
+  """
+  rows = x.shape[0]
+  group, first, _ = _plan(group_sizes, rows, block)
+  x_pad = jnp.pad(x, ((0, block), (0, 0)))  # so no block window is shifted by clamping
+  out = jnp.zeros((rows + block, w.shape[-1]), jnp.promote_types(x.dtype, w.dtype))
+
+  def step(out, plan):
+    g, s = plan
+    xb = jax.lax.dynamic_slice_in_dim(x_pad, s, block)
+    yb = jnp.dot(xb, w[g], preferred_element_type=jnp.float32).astype(out.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(out, yb, s, 0), None
+
+  out, _ = jax.lax.scan(step, out, (group, first))
+  return jnp.where((jnp.arange(rows) < jnp.sum(group_sizes))[:, None], out[:rows], 0)
+
+
+def _gmm_backward(x, w, dy, group_sizes, block):
+  """One loop for both gradients: dx[block rows] = dy[block rows] @ w[g]^T (unmasked, as in
+  the forward loop) and dw[g] += x[rows of g]^T dy[rows of g]."""
+  rows = x.shape[0]
+  group, first, end = _plan(group_sizes, rows, block)
+  x_pad = jnp.pad(x, ((0, block), (0, 0)))
+  dy_pad = jnp.pad(dy, ((0, block), (0, 0)))
+  dx = jnp.zeros((rows + block, x.shape[1]), x.dtype)
+  dw = jnp.zeros(w.shape, jnp.float32)
+
+  def step(carry, plan):
+    dx, dw = carry
+    g, s, e = plan
+    dyb = jax.lax.dynamic_slice_in_dim(dy_pad, s, block)
+    dxb = jnp.dot(dyb, w[g].T, preferred_element_type=jnp.float32).astype(dx.dtype)
+    in_group = (s + jnp.arange(block) < e)[:, None]
+    xb = jnp.where(in_group, jax.lax.dynamic_slice_in_dim(x_pad, s, block), 0)
+    dwb = jnp.dot(xb.T, dyb, preferred_element_type=jnp.float32)
+    return (jax.lax.dynamic_update_slice_in_dim(dx, dxb, s, 0),
+            jax.lax.dynamic_update_index_in_dim(dw, dw[g] + dwb, g, 0)), None
+
+  (dx, dw), _ = jax.lax.scan(step, (dx, dw), (group, first, end))
+  dx = jnp.where((jnp.arange(rows) < jnp.sum(group_sizes))[:, None], dx[:rows], 0)
+  return dx, dw.astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def blocked_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
+                           block: int) -> jax.Array:
+  """x [M, K], w [G, K, N], group_sizes [G] int32 -> [M, N]."""
+  return _gmm(x, w, group_sizes, block)
+
+
+def _fwd(x, w, group_sizes, block):
+  return _gmm(x, w, group_sizes, block), (x, w, group_sizes)
+
+
+def _bwd(block, residuals, dy):
+  x, w, group_sizes = residuals
+  dx, dw = _gmm_backward(x, w, dy, group_sizes, block)
+  return dx, dw, None
+
+
+blocked_grouped_matmul.defvjp(_fwd, _bwd)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
+                   implementation: str = 'auto', block_size: int | None = None) -> jax.Array:
+  """x [M, K] with rows sorted by group, w [G, K, N], group_sizes [G] -> [M, N]."""
+  if implementation not in GROUPED_MATMULS:
+    raise ValueError(f'grouped matmul implementation {implementation!r} not in '
+                     f'{GROUPED_MATMULS}')
+  if implementation == 'auto':
+    on_tpu = jax.default_backend() == 'tpu'
+    implementation = ('ragged_dot' if on_tpu or partitioning.activation_axis_size('expert') > 1
+                      else 'blocked')
+  if implementation == 'ragged_dot':
+    return jax.lax.ragged_dot(x, w, group_sizes)
+  block = block_size or block_size_for(x.shape[0], w.shape[0])
+  return blocked_grouped_matmul(x, w, group_sizes.astype(jnp.int32), block)
