@@ -10,6 +10,7 @@ import numpy as np
 from efficientlm import partitioning
 from efficientlm.models.config import TransformerConfig
 from efficientlm.models.decoder_only import DecoderOnly
+from efficientlm.models.layer_stacking import unstack_layers
 from efficientlm.models.encoder_decoder import EncoderDecoder
 from efficientlm.models.model import DecoderOnlyModel, EncoderDecoderModel
 
@@ -57,6 +58,32 @@ def seq2seq_batch(seed: int, batch: int, inputs_len: int, targets_len: int,
 
 def init_params(model, batch, seed: int = 0):
   return partitioning.unbox(model.init(jax.random.key(seed), batch)['params'])
+
+
+def param_shapes(tree, prefix: str = '') -> dict[str, tuple[int, ...]]:
+  """{'encoder/layers_0/attention/query/kernel': shape, ...} for a nested dict of arrays."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(param_shapes(value, f'{prefix}{key}/'))
+    else:
+      out[prefix + key] = tuple(value.shape)
+  return out
+
+
+def assert_scanned_equals_unrolled(scanned, scanned_params, unrolled, params, batch):
+  """Same tree shapes as the scanned model's own init, same loss, same gradients."""
+  abstract = jax.eval_shape(lambda: init_params(scanned, batch))
+  assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(np.shape, scanned_params)
+
+  def loss(model, p):
+    return model.loss_fn(p, batch)[0]
+
+  np.testing.assert_allclose(loss(scanned, scanned_params), loss(unrolled, params), rtol=1e-6)
+  g_scan = jax.grad(lambda p: loss(scanned, p))(scanned_params)
+  g_unrolled = jax.grad(lambda p: loss(unrolled, p))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               unstack_layers(g_scan), g_unrolled)
 
 
 def bump(batch, feature: str, index, vocab: int) -> dict:

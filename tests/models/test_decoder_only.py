@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficientlm.models.layer_stacking import stack_layers, unstack_layers
+from efficientlm.models.layer_stacking import stack_layers
 from tests import helpers
 
 
@@ -68,18 +68,7 @@ def test_prefix_lm_attends_bidirectionally_within_the_prefix(setup):
 def test_scanned_and_rematerialized_equal_unrolled(setup, remat_policy):
   model, batch, params = setup
   scanned = helpers.decoder_model(scan_layers=True, remat_policy=remat_policy)
-  scanned_params = stack_layers(params)
-  abstract = jax.eval_shape(lambda: helpers.init_params(scanned, batch))
-  assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(jnp.shape, scanned_params)
-
-  def loss(m, p):
-    return m.loss_fn(p, batch)[0]
-
-  np.testing.assert_allclose(loss(scanned, scanned_params), loss(model, params), rtol=1e-6)
-  g_scan = jax.grad(lambda p: loss(scanned, p))(scanned_params)
-  g_unrolled = jax.grad(lambda p: loss(model, p))(params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               unstack_layers(g_scan), g_unrolled)
+  helpers.assert_scanned_equals_unrolled(scanned, stack_layers(params), model, params, batch)
 
 
 def test_scan_keeps_the_program_size_independent_of_depth():

@@ -10,16 +10,6 @@ from efficientlm.models.layer_stacking import stack_layers
 from tests import helpers
 
 
-def _shapes(tree, prefix=''):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_shapes(value, f'{prefix}{key}/'))
-    else:
-      out[prefix + key] = tuple(value.shape)
-  return out
-
-
 def _real(batch, logits):
   """Logits at real target positions only: padding queries have fully masked rows."""
   return np.asarray(logits)[np.asarray(batch['decoder_target_tokens']) > 0]
@@ -33,7 +23,7 @@ def test_unscanned_tree_equals_a_real_t5x_checkpoint(fixtures_dir):
   model = gin_config.macro('MODEL')
   batch = model.dummy_batch(1, {'inputs': 4, 'targets': 3})
   ours = jax.eval_shape(lambda: partitioning.unbox(model.init(jax.random.key(0), batch)))
-  assert _shapes(ours['params']) == _shapes(t5x_target)
+  assert helpers.param_shapes(ours['params']) == helpers.param_shapes(t5x_target)
 
 
 def test_t5x_checkpoint_weights_run_forward(fixtures_dir):

@@ -2,33 +2,22 @@
 
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 
 from efficientlm.layers.moe.config import MoeConfig
-from efficientlm.models.layer_stacking import stack_layers, unstack_layers
+from efficientlm.models.layer_stacking import stack_layers
 from tests import helpers
 
 MOE = MoeConfig(4, layout='every', period=2, train_capacity_factor=1.0, eval_capacity_factor=1.0,
                 min_expert_capacity=1)
 
 
-def _paths(tree, prefix=''):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_paths(value, f'{prefix}{key}/'))
-    else:
-      out[prefix + key] = tuple(value.shape)
-  return out
-
-
 def test_t5_moe_parameter_names_follow_t5x():
   model = helpers.t5_model(moe=MoeConfig(4, num_sparse_encoder_layers=1,
                                          num_sparse_decoder_layers=1))
   params = helpers.init_params(model, helpers.seq2seq_batch(0, 2, 5, 4, 64))
-  paths = _paths(params)
+  paths = helpers.param_shapes(params)
   for stack in ('encoder', 'decoder'):
     assert paths[f'{stack}/layers_1/mlp/router/router_weights/w/kernel'] == (16, 4)
     assert paths[f'{stack}/layers_1/mlp/expert/wi_0/kernel'] == (4, 16, 32)
@@ -60,18 +49,8 @@ def test_scanned_blocks_equal_unrolled(dispatch):
   batch = helpers.lm_batch(1, 2, 8, 64)
   params = helpers.init_params(unrolled, batch)
   blocks = stack_layers(params, period=2)
-  abstract = jax.eval_shape(lambda: helpers.init_params(scanned, batch))
-  assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(np.shape, blocks)
   assert 'expert' in blocks['decoder']['layers']['layers_1']['mlp']  # block: dense, sparse
-
-  def loss(model, p):
-    return model.loss_fn(p, batch)[0]
-
-  np.testing.assert_allclose(loss(scanned, blocks), loss(unrolled, params), rtol=1e-6)
-  g_scan = jax.grad(lambda p: loss(scanned, p))(blocks)
-  g_unrolled = jax.grad(lambda p: loss(unrolled, p))(params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               unstack_layers(g_scan), g_unrolled)
+  helpers.assert_scanned_equals_unrolled(scanned, blocks, unrolled, params, batch)
 
 
 def test_loss_adds_router_losses_averaged_over_moe_layers():
