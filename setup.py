@@ -33,6 +33,8 @@ setuptools.setup(
         'data': ['seqio>=0.0.20', 'tensorflow-datasets>=4.9.10', 'tensorflow>=2.21',
                  'sentencepiece'],
         'test': ['pytest>=8', 'pytest-xdist>=3'],
+        # Only tests/checkpoints/test_hf_transformers.py imports these (and skips without them).
+        'hf': ['transformers', 'torch'],
         'gpu': ['jax[cuda13]'],
         'tpu': ['jax[tpu]'],
     },

@@ -5,7 +5,9 @@
 
 Gin files are searched in configs/ and in --gin_search_paths. `--gin.NAME=VALUE` is shorthand for
 `--gin_bindings="NAME = VALUE"`. The run mode picks the function the run gin configures:
-train -> efficientlm.training.trainer.train, eval -> efficientlm.training.evaluation.evaluate.
+train -> efficientlm.training.trainer.train, eval -> efficientlm.training.evaluation.evaluate,
+upcycle -> efficientlm.checkpoints.upcycle.upcycle (a dense checkpoint -> MODEL_DIR's first MoE
+checkpoint; then --run_mode=train continues it).
 The parsed config is written to MODEL_DIR/config.gin and, once the run has built everything,
 the operative config (the values actually used) to MODEL_DIR/operative_config.gin.
 """
@@ -25,6 +27,7 @@ from efficientlm import gin_config
 RUN_MODES = {
     'train': 'efficientlm.training.trainer:train',
     'eval': 'efficientlm.training.evaluation:evaluate',
+    'upcycle': 'efficientlm.checkpoints.upcycle:upcycle',
 }
 
 

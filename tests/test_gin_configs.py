@@ -1,6 +1,8 @@
 """Every shipped gin parses and builds; model sizes match their published parameter counts."""
 
 import math
+import pathlib
+import tempfile
 
 import gin
 import jax
@@ -26,7 +28,8 @@ def test_configs_are_shipped():
 # Run gins are used after a model gin (except recall_tiny, which includes its own) with their
 # required macros bound.
 RUN_MACROS = ["MODEL_DIR = '/tmp/run'", "RESTORE_PATH = '/tmp/pretrained'",
-              "CHECKPOINT_PATH = '/tmp/run/checkpoints'"]
+              "CHECKPOINT_PATH = '/tmp/run/checkpoints'", "DENSE_CHECKPOINT = '/tmp/dense'",
+              'TRAIN_STEPS = 1000']
 # What each run mode's function receives from the run gins, built here short of running it.
 RUN_ARGUMENTS = ('trainer.train.train_dataset', 'trainer.train.eval_dataset',
                  'trainer.train.optimizer', 'evaluation.evaluate.eval_dataset')
@@ -46,6 +49,14 @@ def _parse_shipped(path: str) -> None:
     gin_config.parse([path])
   elif path == 'runs/recall_tiny.gin':
     gin_config.parse([path], RUN_MACROS)
+  elif path == 'runs/upcycle_local_text.gin':  # trains a vocabulary on a few text files
+    directory = tempfile.mkdtemp()
+    for i in range(4):
+      pathlib.Path(directory, f'{i}.txt').write_text(' '.join(['some words here'] * 50 + [str(i)]))
+    gin_config.parse(['models/switch/upcycle_t5_1_1_tiny.gin', path],
+                     RUN_MACROS + [f"TEXT_FILES = '{directory}/*.txt'",
+                                   'tasks.register_text_lm.vocab_size = 40',
+                                   'tasks.register_text_lm.validation_fraction = 0.5'])
   else:
     gin_config.parse(['models/t5_1_1/tiny.gin', path], RUN_MACROS)
 

@@ -27,17 +27,27 @@ from collections.abc import Iterator, Sequence
 import seqio
 import sentencepiece as spm
 
-from efficientlm.data import preprocessors, vocabularies
+from efficientlm.data import preprocessors, span_corruption, vocabularies
 from efficientlm.data.registry import add_task
 from efficientlm.data.tensorflow_cpu import tf
 
 _SPLITS = ('train', 'validation')
+_tokenize = functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)
+_PREPROCESSORS = {
+    'lm': [functools.partial(_tokenize, with_eos=True), preprocessors.split_into_sequences],
+    'span_corruption': [_tokenize, span_corruption.span_corruption,
+                        seqio.preprocessors.append_eos_after_trim],
+}
+OBJECTIVES = tuple(_PREPROCESSORS)
 
 
 def register_text_lm(files: str, name: str = 'text_lm', sentencepiece_model: str | None = None,
                      vocab_size: int = 8000, validation_fraction: float = 0.05,
-                     cache_dir: str | None = None) -> str:
+                     cache_dir: str | None = None, objective: str = 'lm') -> str:
   """Registers task `name` on the .txt / .jsonl files matching the glob `files`; returns `name`.
+
+  objective 'lm': 'targets' only (decoder-only language modelling); 'span_corruption': T5's
+  'inputs' / 'targets' pairs, for encoder-decoder models.
 
   In gin: MIXTURE_OR_TASK_NAME = @tasks.register_text_lm()
           tasks.register_text_lm.files = '/data/books/*.txt'
@@ -50,6 +60,8 @@ def register_text_lm(files: str, name: str = 'text_lm', sentencepiece_model: str
   if unknown:
     raise ValueError(f'register_text_lm: {unknown[:3]} (from glob {files!r}) are neither .txt '
                      '(one document per file) nor .jsonl (one {"text": ...} per line).')
+  if objective not in OBJECTIVES:
+    raise ValueError(f'register_text_lm: objective {objective!r} not in {OBJECTIVES}.')
   if not 0.0 <= validation_fraction < 1.0:
     raise ValueError(f'register_text_lm: validation_fraction = {validation_fraction}; it must '
                      'be in [0, 1).')
@@ -68,11 +80,9 @@ def register_text_lm(files: str, name: str = 'text_lm', sentencepiece_model: str
       name,
       source=seqio.FunctionDataSource(functools.partial(_documents, split_files=split_files),
                                       splits=splits),
-      output_features={'targets': seqio.Feature(vocabulary, add_eos=True)},
-      preprocessors=[
-          functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False, with_eos=True),
-          preprocessors.split_into_sequences,
-      ])
+      output_features={f: seqio.Feature(vocabulary, add_eos=True) for f in
+                       (('targets',) if objective == 'lm' else ('inputs', 'targets'))},
+      preprocessors=_PREPROCESSORS[objective])
   return name
 
 

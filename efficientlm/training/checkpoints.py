@@ -2,6 +2,8 @@
 
 A checkpoint `MODEL_DIR/<step>/` holds the items `params` and `opt_state` (sharded arrays,
 restorable onto any mesh), `dataset` (each process's input-pipeline position) and `meta` (JSON).
+Checkpoints written before training (upcycling, conversion) hold only `params` and `meta`: the
+trainer starts their optimizer state fresh and their data from the beginning.
 Orbax writes a step to a temporary directory and renames it when complete, so a save cut short
 by a crash is never listed. A step that is listed but cannot be read is skipped, with a
 message, in favour of the one before it.
@@ -78,13 +80,17 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, params, opt_state, iterator=None, wait: bool = False) -> bool:
+  def save(self, step: int, params, opt_state=None, iterator=None, wait: bool = False,
+           meta: dict | None = None) -> bool:
     """Saves `step` unless it already exists (a resumed run re-reaching its start step)."""
     self.manager.wait_until_finished()  # one save in flight; also surfaces its errors
     if step in self.manager.all_steps():
       return False
-    items = {'params': ocp.args.StandardSave(params), 'opt_state': ocp.args.StandardSave(opt_state),
-             'meta': ocp.args.JsonSave({'step': step, 'process_count': jax.process_count()})}
+    items = {'params': ocp.args.StandardSave(params),
+             'meta': ocp.args.JsonSave({'step': step, 'process_count': jax.process_count(),
+                                        **(meta or {})})}
+    if opt_state is not None:
+      items['opt_state'] = ocp.args.StandardSave(opt_state)
     if iterator is not None and _savable(iterator):
       items['dataset'] = DataIteratorSave(iterator)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -107,14 +113,21 @@ class Checkpointer:
     return None
 
   def _restore(self, step, abstract_params, abstract_opt_state, iterator) -> Restored:
-    items = {'params': ocp.args.StandardRestore(abstract_params),
-             'opt_state': ocp.args.StandardRestore(abstract_opt_state)}
-    if iterator is not None and _savable(iterator):
-      if not (self.directory / str(step) / 'dataset').exists():
-        raise FileNotFoundError(f'checkpoint {step} has no data iterator position to resume from')
-      items['dataset'] = DataIteratorRestore(iterator)
+    step_dir = self.directory / str(step)
+    items = {'params': ocp.args.StandardRestore(abstract_params)}
+    params_only = not (step_dir / 'opt_state').exists()
+    if params_only:
+      log(f'Checkpoint {step_dir} has parameters only (upcycled or converted): the optimizer '
+          'state starts fresh and the data from the beginning.')
+    else:
+      items['opt_state'] = ocp.args.StandardRestore(abstract_opt_state)
+      if iterator is not None and _savable(iterator):
+        if not (step_dir / 'dataset').exists():
+          raise FileNotFoundError(f'checkpoint {step} has no data iterator position to resume '
+                                  'from')
+        items['dataset'] = DataIteratorRestore(iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return Restored(step, restored['params'], restored['opt_state'])
+    return Restored(step, restored['params'], None if params_only else restored['opt_state'])
 
   def wait(self):
     self.manager.wait_until_finished()

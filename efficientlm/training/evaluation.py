@@ -12,7 +12,7 @@ import numpy as np
 
 from efficientlm import partitioning
 from efficientlm.models.model import BaseModel
-from efficientlm.training import checkpoints as ckpt_lib
+from efficientlm.checkpoints.load import load_params
 from efficientlm.training import metrics as metrics_lib
 from efficientlm.training.data_source import global_batch_spec, make_eval_iterators
 from efficientlm.training.steps import make_eval_step
@@ -43,13 +43,14 @@ def evaluate_params(params, eval_step, partitioner: partitioning.Partitioner,
 def evaluate(*, model: BaseModel, partitioner: partitioning.Partitioner, checkpoint_path: str,
              eval_dataset, model_dir: str | None = None,
              max_eval_batches: int | None = None) -> dict[str, float]:
-  """Run mode `eval`: restores parameters from `checkpoint_path` (a run directory or one step's
-  directory), evaluates, prints and writes `eval_results.json` to `model_dir` (if given)."""
+  """Run mode `eval`: restores parameters from `checkpoint_path` (an efficientlm run or step
+  directory, a T5X checkpoint or a Hugging Face directory; see efficientlm.checkpoints), evaluates, prints and writes `eval_results.json` to `model_dir` (if given)."""
   iterators = make_eval_iterators(eval_dataset, model.feature_converter)
   spec = global_batch_spec(next(iter(iterators.values())))
   abstract, shardings = partitioner.abstract_params(model.param_initializer(spec),
                                                     jax.random.key(0))
-  step, params = ckpt_lib.restore_params(checkpoint_path, abstract)
+  step, params, _ = load_params(str(checkpoint_path), abstract)
+  step = step or 0
   with partitioner.context():
     eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings, None))
   results = evaluate_params(params, eval_step, partitioner, iterators, max_eval_batches)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficientlm import partitioning
+from efficientlm.checkpoints.load import load_params
+from efficientlm.checkpoints.restore import RestoreOptions, partitioned_initializer
 from efficientlm.models.model import BaseModel, EncoderDecoderModel
 from efficientlm.training import checkpoints as ckpt_lib
 from efficientlm.training.data_source import (DataSource, global_batch_spec, make_eval_iterators,
@@ -70,12 +72,15 @@ def abstract_state(model: BaseModel, optimizer: Optimizer, partitioner: partitio
   return state, shardings, init_params
 
 
+def _fresh_opt_state(optimizer, partitioner, params, abstract: TrainState):
+  with partitioner.context():
+    return jax.jit(optimizer.tx.init,
+                   out_shardings=jax.tree.map(lambda x: x.sharding, abstract.opt_state))(params)
+
+
 def _fresh_state(optimizer, partitioner, init_params, abstract: TrainState, seed: int):
   params, _, _ = partitioner.sharded_init(init_params, jax.random.key(seed))
-  with partitioner.context():
-    opt_state = jax.jit(optimizer.tx.init,
-                        out_shardings=jax.tree.map(lambda x: x.sharding, abstract.opt_state))(params)
-  return params, opt_state
+  return params, _fresh_opt_state(optimizer, partitioner, params, abstract)
 
 
 def _step_array(step: int, abstract: TrainState) -> jax.Array:
@@ -137,11 +142,14 @@ def train(*,
           eval_every: int | None = 1000,
           max_eval_batches: int | None = None,
           restore_path: str | None = None,
+          restore_options: RestoreOptions | None = None,
           profile_steps: tuple[int, int] | None = None) -> dict[str, float]:
   """Trains `model` for `total_steps` and returns the last logged and eval metrics.
 
   Resumes from the newest checkpoint in `model_dir`; otherwise starts from `restore_path`'s
-  parameters (another run, e.g. pretraining before finetuning) or from scratch.
+  parameters (another run, a T5X or a Hugging Face checkpoint; `restore_options` maps names,
+  falls back to scratch, see efficientlm.checkpoints.restore) or from scratch. A checkpoint in
+  `model_dir` with parameters only (written by upcycling) gets a fresh optimizer state.
   """
   if total_steps <= 0:
     raise ValueError(f'total_steps must be positive, got {total_steps}.')
@@ -167,12 +175,17 @@ def train(*,
   if restored is not None:
     start, params, opt_state = restored.step, restored.params, restored.opt_state
     log(f'resumed from {model_dir / "checkpoints" / str(start)}')
+    if opt_state is None:
+      opt_state = _fresh_opt_state(optimizer, partitioner, params, abstract)
+  elif restore_path:
+    start = 0
+    initializer = partitioned_initializer(partitioner, init_params, jax.random.key(seed))
+    step, params, _ = load_params(restore_path, abstract.params, restore_options, initializer)
+    opt_state = _fresh_opt_state(optimizer, partitioner, params, abstract)
+    log(f'initialized parameters from {restore_path} (step {step})')
   else:
     start = 0
     params, opt_state = _fresh_state(optimizer, partitioner, init_params, abstract, seed)
-    if restore_path:
-      step, params = ckpt_lib.restore_params(restore_path, abstract.params)
-      log(f'initialized parameters from {restore_path} (step {step})')
   state = TrainState(step=_step_array(start, abstract), params=params, opt_state=opt_state)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   log(f'{type(model.module).__name__}: {num_params / 1e6:.2f}M parameters; global batch '

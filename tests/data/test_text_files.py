@@ -126,3 +126,19 @@ def test_bad_jsonl_line_is_located(tmp_path):
   (tmp_path / 'bad.jsonl').write_text('{"text": "fine"}\n{"body": "no text"}\n')
   with pytest.raises(ValueError, match=r'bad.jsonl:2: expected a JSON object with a "text"'):
     tasks.register_text_lm(str(tmp_path / '*.jsonl'), name='bad')
+
+
+def test_span_corruption_objective_makes_encoder_decoder_pairs(corpus):
+  files, _ = corpus
+  name = tasks.register_text_lm(files, name='my_text_spans', vocab_size=120,
+                                validation_fraction=0.3, objective='span_corruption')
+  vocab = seqio.get_mixture_or_task(name).output_features['targets'].vocabulary
+  first_sentinel = vocab.vocab_size - 1  # T5's sentinels count down from the top of the vocab
+  cfg = DatasetConfig(name, {'inputs': 64, 'targets': 16}, batch_size=2, shuffle=False,
+                      pack=False)
+  batch = next(pipeline.get_iterator(cfg, 'enc_dec'))
+  for inputs, targets in zip(batch['encoder_input_tokens'], batch['decoder_target_tokens']):
+    assert first_sentinel in inputs.tolist()
+    assert targets[0] == first_sentinel  # targets: each sentinel, then the span it replaced
+  with pytest.raises(ValueError, match='objective'):
+    tasks.register_text_lm(files, name='bad', objective='mlm')
