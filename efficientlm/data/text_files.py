@@ -39,6 +39,7 @@ _PREPROCESSORS = {
                         seqio.preprocessors.append_eos_after_trim],
 }
 OBJECTIVES = tuple(_PREPROCESSORS)
+_MAX_LINE_BYTES = 1 << 16
 
 
 def register_text_lm(files: str, name: str = 'text_lm', sentencepiece_model: str | None = None,
@@ -161,11 +162,20 @@ def _trained_sentencepiece(paths: Sequence[str], vocab_size: int, cache_dir: str
   lines = (line for path in paths for doc in _read_documents(path) for line in doc.splitlines()
            if line.strip())
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type='unigram',
-      pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-      hard_vocab_limit=False,  # a small corpus may not support vocab_size pieces
-      input_sentence_size=2_000_000, shuffle_input_sentence=True, minloglevel=2)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type='unigram',
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        hard_vocab_limit=False,  # a small corpus may not support vocab_size pieces
+        # SentencePiece silently skips longer lines (default 4192 bytes): allow paragraphs.
+        max_sentence_length=_MAX_LINE_BYTES,
+        input_sentence_size=2_000_000, shuffle_input_sentence=True, minloglevel=2)
+  except RuntimeError as e:
+    if 'sentences_.empty()' not in str(e):
+      raise
+    raise ValueError(f'register_text_lm: no line of the {len(paths)} files is usable to train a '
+                     f'vocabulary: all are empty or longer than {_MAX_LINE_BYTES} bytes (split '
+                     'long lines).') from e
   tf.io.gfile.makedirs(cache_dir)
   with tf.io.gfile.GFile(model_path + '.tmp', 'wb') as f:
     f.write(model.getvalue())

@@ -142,3 +142,13 @@ def test_span_corruption_objective_makes_encoder_decoder_pairs(corpus):
     assert targets[0] == first_sentinel  # targets: each sentinel, then the span it replaced
   with pytest.raises(ValueError, match='objective'):
     tasks.register_text_lm(files, name='bad', objective='mlm')
+
+
+def test_documents_written_as_one_long_line_train_a_vocabulary(tmp_path):
+  rng = np.random.default_rng(1)
+  for i in range(3):  # ~20 KB lines: over SentencePiece's default 4192-byte limit
+    (tmp_path / f'{i}.txt').write_text(' '.join(rng.choice(_WORDS, size=3000)))
+  name = tasks.register_text_lm(str(tmp_path / '*.txt'), name='long_lines', vocab_size=60,
+                                validation_fraction=0.0)
+  vocab = seqio.get_mixture_or_task(name).output_features['targets'].vocabulary
+  assert 2 not in vocab.encode(' '.join(_WORDS))  # every word is covered
