@@ -17,6 +17,7 @@ from efficientlm import partitioning
 from efficientlm.checkpoints.formats import detect_format, open_checkpoint
 from efficientlm.checkpoints.infer_config import infer_t5_config
 from efficientlm.checkpoints.restore import RestoreOptions, restore
+from efficientlm.checkpoints.source import from_tree
 from efficientlm.checkpoints.upcycle import abstract_params
 from efficientlm.models.config import TransformerConfig
 from efficientlm.models.decoder_only import DecoderOnly
@@ -41,11 +42,12 @@ def convert(input_path: str, output_path: str, to: str, fmt: str = 'auto',
   if to not in TARGETS:
     raise ValueError(f'Unknown target format {to!r}; expected one of {TARGETS}.')
   fmt = detect_format(input_path) if fmt == 'auto' else fmt
-  if model is None and fmt == 'hf':
+  if model is None and fmt == 'hf':  # config and tensors from one read of the directory
     from efficientlm.checkpoints import hf_t5  # pylint: disable=g-import-not-at-top
-    cfg, _ = hf_t5.load_hf(input_path)
-    model = model_for(cfg)
-  source = open_checkpoint(input_path, fmt)
+    cfg, params = hf_t5.load_hf(input_path)
+    model, source = model_for(cfg), from_tree(input_path, 'hf', params)
+  else:
+    source = open_checkpoint(input_path, fmt)
   if model is None:
     cfg = infer_t5_config(source)
     log(f'model config inferred from the checkpoint shapes: {cfg}')

@@ -120,14 +120,12 @@ def plan(source: Source, abstract_params, options: RestoreOptions
         skipped.append(piece.target)
         continue
       if name not in src_shapes:
-        missing.append(piece.target if name == piece.target else f'{piece.target} (<- {name})')
+        missing.append((piece.target, name))
         continue
       have = tuple(src_shapes[name])
       if have != piece.shape:
-        experts = piece.shape[0] if piece.shape else None
-        if (options.tile_experts and '/expert/' in piece.target
-            and piece.shape[1:] == have):
-          piece.tile = experts
+        if options.tile_experts and '/expert/' in piece.target and piece.shape[1:] == have:
+          piece.tile = piece.shape[0]
           report.tiled.append(piece.target)
         else:
           problems.append(f'{piece.target}: the model wants shape {piece.shape}, checkpoint '
@@ -141,7 +139,8 @@ def plan(source: Source, abstract_params, options: RestoreOptions
     plans[stored] = pieces
   used = set(report.loaded.values())
   report.unused = sorted(n for n in src_shapes if n not in used)
-  report.from_scratch = sorted(skipped + [m.split(' ')[0] for m in missing])
+  report.from_scratch = sorted(skipped + [target for target, _ in missing])
+  missing = [t if n == t else f'{t} (<- {n})' for t, n in missing]  # as the errors list them
   if problems:
     raise ValueError(f'{source.describe()} does not fit the model: ' + _listing(problems))
   if options.strict and (missing or report.unused):

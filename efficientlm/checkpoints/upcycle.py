@@ -79,10 +79,11 @@ def upcycle(*,
   """
   directory = ckpt_lib.as_checkpoint_path(pathlib.Path(model_dir) / 'checkpoints')
   checkpointer = ckpt_lib.Checkpointer(directory, keep=None, async_save=False)
-  if checkpointer.steps():
+  existing = checkpointer.steps()
+  if existing:
     checkpointer.close()
-    raise FileExistsError(f'{directory} already holds checkpoints {checkpointer.steps()}; '
-                          'upcycle into a new MODEL_DIR (or continue it with --run_mode=train).')
+    raise FileExistsError(f'{directory} already holds checkpoints {existing}; upcycle into a '
+                          'new MODEL_DIR (or continue it with --run_mode=train).')
   abstract, init_params = abstract_params(model, partitioner, seed)
   if not any('/expert/' in name for name in flatten(abstract)):
     checkpointer.close()

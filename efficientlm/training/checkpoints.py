@@ -134,24 +134,3 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
-
-
-def restore_params(path: str | pathlib.Path, abstract_params) -> tuple[int, Any]:
-  """Parameters from another run: its directory (newest step) or one step's directory."""
-  path = as_checkpoint_path(path)
-  if not path.exists():
-    raise FileNotFoundError(f'Checkpoint path {path} does not exist.')
-  if (path / 'params').exists():
-    run_dir, step = path.parent, int(path.name)
-  else:
-    run_dir, step = path, None
-  manager = ocp.CheckpointManager(run_dir, item_names=ITEMS,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  if step is None:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'No checkpoint under {path}: expected step directories with a '
-                              '`params` item, written by efficientlm.')
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params)))
-  return step, restored['params']

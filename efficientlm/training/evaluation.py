@@ -11,8 +11,8 @@ import jax
 import numpy as np
 
 from efficientlm import partitioning
-from efficientlm.models.model import BaseModel
 from efficientlm.checkpoints.load import load_params
+from efficientlm.models.model import BaseModel
 from efficientlm.training import metrics as metrics_lib
 from efficientlm.training.data_source import global_batch_spec, make_eval_iterators
 from efficientlm.training.steps import make_eval_step
@@ -44,7 +44,8 @@ def evaluate(*, model: BaseModel, partitioner: partitioning.Partitioner, checkpo
              eval_dataset, model_dir: str | None = None,
              max_eval_batches: int | None = None) -> dict[str, float]:
   """Run mode `eval`: restores parameters from `checkpoint_path` (an efficientlm run or step
-  directory, a T5X checkpoint or a Hugging Face directory; see efficientlm.checkpoints), evaluates, prints and writes `eval_results.json` to `model_dir` (if given)."""
+  directory, a T5X checkpoint or a Hugging Face directory; see efficientlm.checkpoints),
+  evaluates, prints and writes `eval_results.json` to `model_dir` (if given)."""
   iterators = make_eval_iterators(eval_dataset, model.feature_converter)
   spec = global_batch_spec(next(iter(iterators.values())))
   abstract, shardings = partitioner.abstract_params(model.param_initializer(spec),

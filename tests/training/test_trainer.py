@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from efficientlm import partitioning
+from efficientlm.checkpoints.load import load_params
 from efficientlm.training import checkpoints, optimizers, trainer
 from efficientlm.training.steps import TrainState, make_train_step
 from tests import helpers
@@ -24,9 +25,13 @@ _model, _partitioner, _adamw, _train = (tiny_run.model, tiny_run.partitioner, ti
 
 
 def _latest_params(model_dir):
-  abstract = jax.eval_shape(lambda: helpers.init_params(_model(), helpers.lm_batch(0, 8, 8,
-                                                                                   VOCAB)))
-  return checkpoints.restore_params(pathlib.Path(model_dir) / 'checkpoints', abstract)
+  """(step, parameters) of a run's newest checkpoint."""
+  batch = helpers.lm_batch(0, 8, 8, VOCAB)
+  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  abstract, _ = _partitioner().abstract_params(_model().param_initializer(spec),
+                                               jax.random.key(0))
+  step, params, _ = load_params(str(pathlib.Path(model_dir) / 'checkpoints'), abstract)
+  return step, params
 
 
 def test_microbatches_equal_the_full_batch_step():
