@@ -43,6 +43,9 @@ class TransformerConfig:
   scan_layers: bool = False
   remat_policy: str = 'none'
   moe: MoeConfig | None = None  # None: every feed-forward layer is dense
+  # Decoder layers as PaLM's parallel block, x + attention(norm(x)) + mlp(norm(x)) with one norm
+  # (Chowdhery et al. 2022): one fewer all-reduce per layer when partitioned. Decoder-only.
+  parallel_block: bool = False
 
   def __post_init__(self):
     # gin passes lists; keep the dataclass hashable.
@@ -58,6 +61,8 @@ class TransformerConfig:
         (self.position_embedding != 'rotary' or self.head_dim % 2 == 0,
          f'rotary embeddings need an even head_dim, got {self.head_dim}'),
         (0.0 <= self.dropout_rate < 1.0, f'dropout_rate {self.dropout_rate} not in [0, 1)'),
+        (not self.parallel_block or self.num_encoder_layers == 0,
+         'parallel_block is for decoder-only models (num_encoder_layers = 0)'),
     ]
     for name in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim'):
       checks.append((getattr(self, name) > 0, f'{name} must be positive'))

@@ -86,8 +86,11 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, mask, bias, positions, encoded=None, encoder_decoder_mask=None):
     cfg, det = self.config, self.deterministic
     h = norm(cfg, 'pre_self_attention_layer_norm')(x)
-    h = attention(cfg, 'self_attention', True)(h, h, mask, bias, positions, positions, det)
-    x = x + residual_dropout(cfg, h, det)
+    y = attention(cfg, 'self_attention', True)(h, h, mask, bias, positions, positions, det)
+    if cfg.parallel_block:  # the config allows it only without cross-attention
+      y = y + feed_forward(cfg, self.sparse, causal=True)(h, det)
+      return x + residual_dropout(cfg, y, det), None
+    x = x + residual_dropout(cfg, y, det)
     if self.cross_attention:
       h = norm(cfg, 'pre_cross_attention_layer_norm')(x)
       h = attention(cfg, 'encoder_decoder_attention', False)(
