@@ -7,7 +7,8 @@ Gin files are searched in configs/ and in --gin_search_paths. `--gin.NAME=VALUE`
 `--gin_bindings="NAME = VALUE"`. The run mode picks the function the run gin configures:
 train -> efficientlm.training.trainer.train, eval -> efficientlm.training.evaluation.evaluate,
 upcycle -> efficientlm.checkpoints.upcycle.upcycle (a dense checkpoint -> MODEL_DIR's first MoE
-checkpoint; then --run_mode=train continues it).
+checkpoint; then --run_mode=train continues it), infer -> efficientlm.inference.infer.infer
+(prompts in, MODEL_DIR/predictions.jsonl out).
 The parsed config is written to MODEL_DIR/config.gin and, once the run has built everything,
 the operative config (the values actually used) to MODEL_DIR/operative_config.gin.
 """
@@ -28,6 +29,7 @@ RUN_MODES = {
     'train': 'efficientlm.training.trainer:train',
     'eval': 'efficientlm.training.evaluation:evaluate',
     'upcycle': 'efficientlm.checkpoints.upcycle:upcycle',
+    'infer': 'efficientlm.inference.infer:infer',
 }
 
 

@@ -32,7 +32,8 @@ RUN_MACROS = ["MODEL_DIR = '/tmp/run'", "RESTORE_PATH = '/tmp/pretrained'",
               'TRAIN_STEPS = 1000']
 # What each run mode's function receives from the run gins, built here short of running it.
 RUN_ARGUMENTS = ('trainer.train.train_dataset', 'trainer.train.eval_dataset',
-                 'trainer.train.optimizer', 'evaluation.evaluate.eval_dataset')
+                 'trainer.train.optimizer', 'evaluation.evaluate.eval_dataset',
+                 'infer.infer.dataset', 'infer.infer.decode_options')
 
 
 # Fragments included by other gins, parsed as they are used.
@@ -84,7 +85,7 @@ def test_every_gin_file_parses_and_builds(path):
     assert reference.scoped_configurable_fn() is not None
   assert built, f'{path} defines nothing to build'
   if path.startswith('runs/'):
-    assert any(a.endswith('_dataset') for a in built), f'{path} configures no data'
+    assert any(a.endswith('dataset') for a in built), f'{path} configures no data'
 
 
 # Published sizes: T5X's T5.1.1 checkpoints table.

@@ -71,6 +71,13 @@ class MultiHeadAttention(nn.Module):
 
   `num_kv_heads` None means multi-head; 1 is multi-query; anything dividing `num_heads` is
   grouped-query. With `rotary`, query and key are rotated by their positions.
+
+  `decode` selects the KV cache (collection 'cache': cached_key, cached_value [b, S, kv_heads,
+  d], only the KV heads): 'init' creates it shaped like this call's keys (S = the input length);
+  'prefill' writes this call's keys into slots [0, len) and attends among them; 'step' writes
+  one token per sequence at slot q_positions[:, 0] and attends over the whole cache (the caller's
+  mask hides unwritten slots). Cross-attention (`cross_attention`) stores the projected encoder
+  output at 'init'/'prefill' and reads it back at 'step', where `inputs_kv` may be None.
   """
 
   num_heads: int
@@ -83,6 +90,8 @@ class MultiHeadAttention(nn.Module):
   rotary: bool = False
   rotary_max_wavelength: float = 10_000.0
   float32_logits: bool = True
+  decode: str | None = None  # None (full sequences), 'init', 'prefill' or 'step'
+  cross_attention: bool = False
   kernel_init: Callable[..., jax.Array] = initializers.attention_kernel_init
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -114,14 +123,22 @@ class MultiHeadAttention(nn.Module):
       return partitioning.constrain(y, ('batch', 'length', head_axis, 'kv'))
 
     query = project('query', inputs_q, self.num_heads, ('joined_kv', 'heads'), query_init)
-    key = project('key', inputs_kv, kv_heads, kv_axes, self.kernel_init)
-    value = project('value', inputs_kv, kv_heads, kv_axes, self.kernel_init)
-
+    if self.rotary and (q_positions is None or kv_positions is None):
+      raise ValueError('Rotary attention needs q_positions and kv_positions.')
     if self.rotary:
-      if q_positions is None or kv_positions is None:
-        raise ValueError('Rotary attention needs q_positions and kv_positions.')
       query = apply_rotary(query, q_positions, self.rotary_max_wavelength)
-      key = apply_rotary(key, kv_positions, self.rotary_max_wavelength)
+
+    def project_kv():
+      key = project('key', inputs_kv, kv_heads, kv_axes, self.kernel_init)
+      value = project('value', inputs_kv, kv_heads, kv_axes, self.kernel_init)
+      if self.rotary:
+        key = apply_rotary(key, kv_positions, self.rotary_max_wavelength)
+      return key, value
+
+    if self.decode is None:
+      key, value = project_kv()
+    else:
+      key, value = self._cached_kv(project_kv, q_positions)
     if self.scale_logits:
       query = query * jnp.asarray(self.head_dim**-0.5, query.dtype)
 
@@ -136,3 +153,44 @@ class MultiHeadAttention(nn.Module):
                        kernel_init=self.kernel_init, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='out')(out)
     return partitioning.constrain(out, ('batch', 'length', 'embed'))
+
+  def _cached_kv(self, project_kv, q_positions):
+    """(key, value) to attend to, reading and writing the KV cache as `decode` says."""
+    modes = ('init', 'prefill', 'step')
+    if self.decode not in modes:
+      raise ValueError(f'MultiHeadAttention.decode = {self.decode!r}; choose from {modes}.')
+    initialized = self.has_variable('cache', 'cached_key')
+    if self.decode == 'init':
+      key, value = project_kv()
+      self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
+      self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+      return key, value
+    if not initialized:
+      raise ValueError(f'{self.name}: decode={self.decode!r} needs a KV cache; create it with '
+                       "decode='init' (efficientlm.inference.kv_cache.init_cache) first.")
+    cached_key = self.variable('cache', 'cached_key')
+    cached_value = self.variable('cache', 'cached_value')
+    if self.cross_attention:  # the encoder output does not change while decoding
+      if self.decode == 'step':
+        return cached_key.value, cached_value.value
+      key, value = project_kv()
+      cached_key.value, cached_value.value = key, value
+      return key, value
+    key, value = project_kv()
+    cache_length = cached_key.value.shape[1]
+    if self.decode == 'prefill':
+      if key.shape[1] > cache_length:
+        raise ValueError(f'Prompt of {key.shape[1]} tokens does not fit the KV cache of '
+                         f'{cache_length}; create a longer cache.')
+      start = (0,) * key.ndim
+      cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+      cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+      return key, value
+    if key.shape[1] != 1:
+      raise ValueError(f"decode='step' takes one token per sequence, got {key.shape[1]}.")
+    # One slot per sequence: its own position (prompts of different lengths decode together).
+    write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))
+    slots = q_positions[:, 0]
+    cached_key.value = write(cached_key.value, key.astype(cached_key.value.dtype), slots)
+    cached_value.value = write(cached_value.value, value.astype(cached_value.value.dtype), slots)
+    return cached_key.value, cached_value.value

@@ -16,13 +16,16 @@ class DecoderOnly(nn.Module):
     self.decoder = Decoder(self.config, self.token_embedder, cross_attention=False)
 
   def __call__(self, decoder_input_tokens, decoder_target_tokens=None, decoder_segment_ids=None,
-               decoder_positions=None, decoder_causal_attention=None, enable_dropout=False):
+               decoder_positions=None, decoder_causal_attention=None, enable_dropout=False,
+               decode=None, cache_length=None):
     """Returns logits [batch, length, vocab].
 
     `decoder_causal_attention` is 1 on prefix (input) positions, which then attend to each
-    other bidirectionally (prefix LM); None is a plain causal LM.
+    other bidirectionally (prefix LM); None is a plain causal LM. `decode` and `cache_length`:
+    KV-cache decoding (see stacks.Decoder).
     """
     return self.decoder(decoder_input_tokens, decoder_target_tokens,
                         segment_ids=decoder_segment_ids, positions=decoder_positions,
                         causal_attention=decoder_causal_attention,
-                        deterministic=not enable_dropout)
+                        deterministic=not enable_dropout, decode=decode,
+                        cache_length=cache_length)

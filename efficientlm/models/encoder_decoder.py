@@ -25,7 +25,9 @@ class EncoderDecoder(nn.Module):
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
              decoder_target_tokens=None, encoder_segment_ids=None, decoder_segment_ids=None,
-             decoder_positions=None, enable_dropout=False):
+             decoder_positions=None, enable_dropout=False, decode=None, cache_length=None):
+    """Decoder logits given the encoder output; `decode`, `cache_length`: KV-cache decoding (see
+    stacks.Decoder; at 'step', `encoded` may be None: cross-attention reads its cache)."""
     if decoder_target_tokens is None:  # no targets: every decoder position is real
       decoder_valid = jnp.ones(decoder_input_tokens.shape, bool)
     else:
@@ -36,7 +38,8 @@ class EncoderDecoder(nn.Module):
         masks.make_segment_mask(decoder_segment_ids, encoder_segment_ids))
     return self.decoder(decoder_input_tokens, decoder_target_tokens, encoded, cross_mask,
                         decoder_segment_ids, decoder_positions,
-                        deterministic=not enable_dropout)
+                        deterministic=not enable_dropout, decode=decode,
+                        cache_length=cache_length)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,

@@ -138,9 +138,15 @@ class BaseModel:
     scores = jnp.take_along_axis(log_probs, batch['decoder_target_tokens'][..., None], -1)[..., 0]
     return scores * self._weights(batch)
 
-  def score_batch(self, params, batch: Batch) -> jax.Array:
+  def score(self, params, batch: Batch) -> jax.Array:
     """Log-likelihood of each sequence's targets, [batch]."""
     return jnp.sum(self.token_scores(params, batch), axis=-1)
+
+  def predict(self, params, prompts: jax.Array, options=None, rng: jax.Array | None = None):
+    """Decodes prompts [batch, P] (right-padded with 0; the encoder inputs of an
+    encoder-decoder model) with a KV cache: an efficientlm.inference.decoding.Decoded."""
+    from efficientlm.inference import decoding  # inference builds on the models, not back
+    return decoding.generate(self, params, prompts, options or decoding.DecodeOptions(), rng)
 
 
 def _zeros(batch_size: int, length: int) -> jax.Array:

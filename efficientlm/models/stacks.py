@@ -25,14 +25,17 @@ def default_positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Arr
   return jnp.arange(tokens.shape[-1], dtype=jnp.int32)[None]
 
 
-def position_bias(cfg: TransformerConfig, positions: jax.Array, bidirectional: bool):
-  """The stack's shared T5 relative position bias (None with rotary embeddings)."""
+def position_bias(cfg: TransformerConfig, positions: jax.Array, bidirectional: bool,
+                  key_positions: jax.Array | None = None):
+  """The stack's shared T5 relative position bias (None with rotary embeddings); keys are at
+  `positions` too unless `key_positions` says otherwise (decoding against a cache)."""
   if cfg.position_embedding != 'relative':
     return None
   return RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
                               cfg.relative_attention_max_distance, dtype=cfg.activation_dtype,
                               param_dtype=cfg.weight_dtype, name='relpos_bias')(
-                                  positions, positions, bidirectional)
+                                  positions, positions if key_positions is None else
+                                  key_positions, bidirectional)
 
 
 def embed(cfg: TransformerConfig, embedder: Embed, tokens: jax.Array, deterministic: bool):
@@ -61,7 +64,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Causal decoder; with `cross_attention` it attends to an encoder (T5), else decoder-only."""
+  """Causal decoder; with `cross_attention` it attends to an encoder (T5), else decoder-only.
+
+  Decoding with a KV cache (`decode`, see MultiHeadAttention): 'init' and 'prefill' take whole
+  prompts like training does; 'step' takes one token per sequence, `positions` [batch, 1] its
+  slot in a cache of `cache_length` slots, and attends to slots up to that position.
+  """
 
   config: TransformerConfig
   shared_embedding: Embed
@@ -76,24 +84,34 @@ class Decoder(nn.Module):
                segment_ids=None,
                positions=None,
                causal_attention=None,
-               deterministic=True):
+               deterministic=True,
+               decode=None,
+               cache_length=None):
     cfg = self.config
-    if self.cross_attention and encoded is None:
+    if self.cross_attention and encoded is None and decode != 'step':
       raise ValueError('An encoder-decoder Decoder needs the encoder output.')
-    positions = default_positions(decoder_input_tokens, positions)
     x = embed(cfg, self.shared_embedding, decoder_input_tokens, deterministic)
-    # Without targets every position counts as real (no padding mask).
-    targets = decoder_target_tokens
-    if targets is None:
-      targets = jnp.ones_like(decoder_input_tokens)
-    mask = masks.make_decoder_mask(targets, segment_ids, causal_attention)
-    # With prefix-LM masking the bias stays causal-bucketed, as in T5X's decoder-only models.
-    bias = position_bias(cfg, positions, bidirectional=False)
+    if decode == 'step':
+      if positions is None or cache_length is None:
+        raise ValueError("decode='step' needs positions [batch, 1] and cache_length.")
+      slots = jnp.arange(cache_length, dtype=jnp.int32)
+      mask = (slots[None, None, None, :] <= positions[:, None, :, None])
+      bias = position_bias(cfg, positions, bidirectional=False, key_positions=slots[None])
+    else:
+      positions = default_positions(decoder_input_tokens, positions)
+      # Without targets every position counts as real (no padding mask).
+      targets = decoder_target_tokens
+      if targets is None:
+        targets = jnp.ones_like(decoder_input_tokens)
+      mask = masks.make_decoder_mask(targets, segment_ids, causal_attention)
+      # With prefix-LM masking the bias stays causal-bucketed, as in T5X's decoder-only models.
+      bias = position_bias(cfg, positions, bidirectional=False)
     args = (mask, bias, positions)
     if self.cross_attention:
       args += (encoded, encoder_decoder_mask)
     x = stack_layers(DecoderLayer, sparse_pattern(cfg, cfg.num_decoder_layers, 'decoder'), cfg,
-                     x, args, deterministic=deterministic, cross_attention=self.cross_attention)
+                     x, args, deterministic=deterministic, cross_attention=self.cross_attention,
+                     decode=decode)
     x = norm(cfg, 'decoder_norm')(x)
     x = partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
     if cfg.logits_via_embedding:

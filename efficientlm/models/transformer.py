@@ -25,14 +25,17 @@ def norm(cfg: TransformerConfig, name: str) -> RMSNorm:
                  param_dtype=cfg.weight_dtype, name=name)
 
 
-def attention(cfg: TransformerConfig, name: str, self_attention: bool) -> MultiHeadAttention:
+def attention(cfg: TransformerConfig, name: str, self_attention: bool,
+              decode: str | None = None) -> MultiHeadAttention:
+  """`decode`: None for whole sequences, else the KV-cache mode (see MultiHeadAttention)."""
   return MultiHeadAttention(
       num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
       dropout_rate=cfg.dropout_rate, scale_logits=cfg.scale_attention_logits,
       # Rotary embeddings encode positions within a sequence: not for cross-attention.
       rotary=self_attention and cfg.position_embedding == 'rotary',
       rotary_max_wavelength=cfg.rotary_max_wavelength,
-      float32_logits=cfg.float32_attention_logits, dtype=cfg.activation_dtype,
+      float32_logits=cfg.float32_attention_logits, decode=decode,
+      cross_attention=not self_attention, dtype=cfg.activation_dtype,
       param_dtype=cfg.weight_dtype, name=name)
 
 
@@ -75,25 +78,30 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Causal self-attention, optional cross-attention to the encoder, and MLP."""
+  """Causal self-attention, optional cross-attention to the encoder, and MLP.
+
+  `decode` (None, 'init', 'prefill', 'step') is the KV-cache mode of both attentions.
+  """
 
   config: TransformerConfig
   deterministic: bool = True
   sparse: bool = False
   cross_attention: bool = True
+  decode: str | None = None
 
   @nn.compact
   def __call__(self, x, mask, bias, positions, encoded=None, encoder_decoder_mask=None):
     cfg, det = self.config, self.deterministic
     h = norm(cfg, 'pre_self_attention_layer_norm')(x)
-    y = attention(cfg, 'self_attention', True)(h, h, mask, bias, positions, positions, det)
+    y = attention(cfg, 'self_attention', True, self.decode)(h, h, mask, bias, positions,
+                                                          positions, det)
     if cfg.parallel_block:  # the config allows it only without cross-attention
       y = y + feed_forward(cfg, self.sparse, causal=True)(h, det)
       return x + residual_dropout(cfg, y, det), None
     x = x + residual_dropout(cfg, y, det)
     if self.cross_attention:
       h = norm(cfg, 'pre_cross_attention_layer_norm')(x)
-      h = attention(cfg, 'encoder_decoder_attention', False)(
+      h = attention(cfg, 'encoder_decoder_attention', False, self.decode)(
           h, encoded, encoder_decoder_mask, deterministic=det)
       x = x + residual_dropout(cfg, h, det)
     h = norm(cfg, 'pre_mlp_layer_norm')(x)
@@ -156,7 +164,7 @@ def stack_layers(layer_cls, sparse: tuple[bool, ...], cfg: TransformerConfig, x:
     unit = LayerBlock
     unit_kwargs = dict(layer_cls=cls, pattern=sparse[:period],
                        layer_kwargs=tuple(sorted(layer_kwargs.items())))
-  scanned = nn.scan(unit, variable_axes={'params': 0, MOE_COLLECTION: 0},
+  scanned = nn.scan(unit, variable_axes={'params': 0, MOE_COLLECTION: 0, 'cache': 0},
                     split_rngs={'params': True, 'dropout': True, 'jitter': True},
                     in_axes=(nn.broadcast,) * len(broadcast_args), length=num_layers // period,
                     metadata_params={nn.PARTITION_NAME: 'layers'})

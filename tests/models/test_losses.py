@@ -70,7 +70,7 @@ def test_model_loss_metrics_and_scores():
   assert metrics['num_tokens'] == n
   np.testing.assert_allclose(model.token_scores(params, batch), -nll * weights, rtol=1e-5,
                              atol=1e-6)
-  np.testing.assert_allclose(model.score_batch(params, batch), np.sum(-nll * weights, -1),
+  np.testing.assert_allclose(model.score(params, batch), np.sum(-nll * weights, -1),
                              rtol=1e-5)
   # Initial loss of a fresh model is near log(vocab): logits start small.
   assert abs(float(metrics['cross_entropy']) - math.log(64)) < 1.0
