@@ -27,6 +27,7 @@ setuptools.setup(
         'numpy>=2.0',
         'safetensors>=0.4',  # Hugging Face checkpoints
         'tensorboardX>=2.6',  # TensorBoard event files without importing TensorFlow
+        'matplotlib>=3.8',  # inference sweep plots
     ],
     extras_require={
         # Only efficientlm/data imports these (lazily).

@@ -8,7 +8,8 @@ Gin files are searched in configs/ and in --gin_search_paths. `--gin.NAME=VALUE`
 train -> efficientlm.training.trainer.train, eval -> efficientlm.training.evaluation.evaluate,
 upcycle -> efficientlm.checkpoints.upcycle.upcycle (a dense checkpoint -> MODEL_DIR's first MoE
 checkpoint; then --run_mode=train continues it), infer -> efficientlm.inference.infer.infer
-(prompts in, MODEL_DIR/predictions.jsonl out).
+(prompts in, MODEL_DIR/predictions.jsonl out), sweep -> efficientlm.inference.sweep.sweep
+(inference layout sweeps: MODEL_DIR/sweep.csv, sweep.json, best_layouts.csv, plots/).
 The parsed config is written to MODEL_DIR/config.gin and, once the run has built everything,
 the operative config (the values actually used) to MODEL_DIR/operative_config.gin.
 """
@@ -30,6 +31,7 @@ RUN_MODES = {
     'eval': 'efficientlm.training.evaluation:evaluate',
     'upcycle': 'efficientlm.checkpoints.upcycle:upcycle',
     'infer': 'efficientlm.inference.infer:infer',
+    'sweep': 'efficientlm.inference.sweep:sweep',
 }
 
 

@@ -46,6 +46,8 @@ FRAGMENTS = {'models/switch/common.gin': (['models/switch/common.gin'], ['NUM_EX
 def _parse_shipped(path: str) -> None:
   if path in FRAGMENTS:
     gin_config.parse(*FRAGMENTS[path])
+  elif path.startswith('sweeps/'):  # run gins of their own (the sweep run mode)
+    gin_config.parse([path], RUN_MACROS[:1])
   elif not path.startswith('runs/'):
     gin_config.parse([path])
   elif path == 'runs/recall_tiny.gin':
@@ -83,6 +85,10 @@ def test_every_gin_file_parses_and_builds(path):
       continue
     built.append(argument)
     assert reference.scoped_configurable_fn() is not None
+  if path.startswith('sweeps/'):  # a dry run validates the grid without running it
+    from efficientlm.inference import sweep  # pylint: disable=g-import-not-at-top
+    assert gin.get_configurable(sweep.sweep)(dry_run=True)
+    built.append('sweep')
   assert built, f'{path} defines nothing to build'
   if path.startswith('runs/'):
     assert any(a.endswith('dataset') for a in built), f'{path} configures no data'

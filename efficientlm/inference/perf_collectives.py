@@ -101,7 +101,9 @@ def layer_collectives(model, layout: Layout, batch: int, length: int,
   out: list[Collective] = []
 
   def add(kind, axes, nbytes):
-    if size(axes) > 1:
+    # A size-1 axis never separates group members: list only the axes a group really spans.
+    axes = tuple(a for a in axes if mesh[a] > 1)
+    if axes:
       out.append(Collective(kind, axes, nbytes))
 
   def gather_weights(widths):  # step 1: [E, width] matrices stored over all n chips
