@@ -23,11 +23,6 @@ MESH_SHAPE = (2, 2, 2)
 B, PROMPT, SLOTS = 8, 6, 8
 
 
-@pytest.fixture(scope='module')
-def mesh():
-  return partitioning.create_mesh(MESH_SHAPE, ('x', 'y', 'z'))
-
-
 def config(**kw) -> TransformerConfig:
   base = dict(vocab_size=32, emb_dim=16, num_heads=8, head_dim=4, mlp_dim=32,
               num_encoder_layers=0, num_decoder_layers=1, dtype='float32')

@@ -27,11 +27,6 @@ LENGTHS = np.array([6, 3, 5, 1, 6, 2, 4, 6], np.int32)
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-@pytest.fixture(scope='module')
-def mesh():
-  return partitioning.create_mesh((2, 2, 2), ('x', 'y', 'z'))
-
-
 def config(**kw) -> TransformerConfig:
   base = dict(vocab_size=32, emb_dim=16, num_heads=8, head_dim=4, mlp_dim=32,
               num_encoder_layers=0, num_decoder_layers=1, dtype='float32')

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficientlm import partitioning
 from efficientlm.inference import quantization
 from efficientlm.inference.layout_spec import Layout
 from efficientlm.inference.partitioned_decoder import PartitionedDecoder
@@ -23,11 +22,6 @@ from efficientlm.models.decoder_only import DecoderOnly
 B, T, P, S, STEPS = 8, 10, 6, 10, 3
 LENGTHS = np.array([6, 3, 5, 1, 6, 2, 4, 6], np.int32)
 TOL = dict(rtol=2e-5, atol=2e-5)
-
-
-@pytest.fixture(scope='module')
-def mesh():
-  return partitioning.create_mesh((2, 2, 2), ('x', 'y', 'z'))
 
 
 def config(**kw) -> TransformerConfig:
