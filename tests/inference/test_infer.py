@@ -80,3 +80,27 @@ def test_int8_weights(tmp_path):
     alone = model.predict(dequantized, ids, decoding.DecodeOptions(max_decode_length=5))
     assert line['tokens'] == alone.tokens[0, :int(alone.lengths[0])].tolist()
     np.testing.assert_allclose(line['score'], alone.scores[0], rtol=1e-4)
+
+
+def test_infer_on_a_language_modelling_task_prompts_with_its_targets(tmp_path):
+  model, params = _checkpoint(tmp_path)
+  flags = ['--run_mode=infer', '--gin_file=models/decoder/tiny.gin', '--gin_file=runs/infer.gin',
+           f"--gin.MODEL_DIR='{tmp_path / 'out'}'", f"--gin.CHECKPOINT_PATH='{tmp_path / 'ckpt'}'",
+           '--gin.VOCAB_SIZE=64', "--gin.ACTIVATION_DTYPE='float32'", '--gin.BATCH_SIZE=8',
+           "--gin.MIXTURE_OR_TASK_NAME='synthetic_recall'",
+           "--gin.TASK_FEATURE_LENGTHS={'targets': 49}", '--gin.PROMPT_LENGTH=20',
+           '--gin.MAX_EXAMPLES=8', '--gin.MAX_DECODE_LENGTH=3']
+  out = pathlib.Path(main.main(flags))
+  lines = [json.loads(line) for line in out.read_text().splitlines()]
+  # The prompts are the first 20 target tokens of the validation split, read here by seqio.
+  ds = seqio.get_mixture_or_task('synthetic_recall').get_dataset(
+      {'targets': 49}, split='validation', shuffle=False)
+  examples = list(ds.take(8).as_numpy_iterator())
+  assert len(lines) == 8
+  for line, example in zip(lines, examples):
+    prompt = example['targets'][:20]
+    assert list(line['inputs']) == prompt.tolist()
+    assert list(line['targets']) == example['targets'][20:].tolist()
+    alone = model.predict(params, jnp.asarray(prompt[None]),
+                          decoding.DecodeOptions(max_decode_length=3))
+    assert line['tokens'] == alone.tokens[0, :int(alone.lengths[0])].tolist()
