@@ -13,9 +13,12 @@ inside the weight-stationary matmuls, Aout splits F (and the attention heads):
   ffn      Ab       Ain   Aout     residual stream    weights stored           gathered over
   1d       -        -     x,y,z    B L E_xyz          W_in E F_xyz             -
   2d       -        x     y,z      B L E_xyz          W_in E_x F_yz            -
-  wg_x     x        -     y,z      B_x L E_yz         W_in E F_xyz             x
-  wg_xy    x,y      -     z        B_xy L E_z         W_in E F_xyz             x,y
+  wg_x     x        -     y,z      B_x L E_yz         W_in E F_(y,z,x)         x
+  wg_xy    x,y      -     z        B_xy L E_z         W_in E F_(z,x,y)         x,y
   wg_xyz   x,y,z    -     -        B_xyz L E          W_in E F_xyz             x,y,z
+
+(Weight-gathered layouts split F over Aout, then Ab, so that gathering over Ab leaves each chip a
+contiguous F_Aout chunk; the bytes are those of E F_xyz.)
 
 W_out is stored transposed the same way (F_xyz E, or F_yz E_x for 2d). The query kernel
 [E, H*D] and the out kernel [H*D, E] are stored like W_in and W_out with heads in F's place; K
