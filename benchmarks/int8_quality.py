@@ -40,7 +40,7 @@ def main():
   spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()}
   partitioner = gin_config.macro('PARTITIONER')
   abstract, _ = partitioner.abstract_params(model.param_initializer(spec), jax.random.key(0))
-  step, params, _ = load_params(os.path.abspath(args.checkpoint), abstract)
+  step, params, _ = load_params(args.checkpoint, abstract)
   quantized = jax.jit(quantization.quantize_tree)(params)
   dequantized = quantization.dequantize_tree(quantized, jnp.float32)
 

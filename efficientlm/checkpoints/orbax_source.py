@@ -8,6 +8,8 @@ slices this host's devices hold) and cast to the requested dtype.
 
 from __future__ import annotations
 
+import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +19,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from efficientlm.checkpoints.source import Leaf, Source, flatten, unflatten
+
+
+def as_checkpoint_path(path: str | pathlib.Path) -> epath.Path:
+  """Orbax needs absolute paths: local relative ones are resolved, URLs (gs://) kept."""
+  text = str(path)
+  return epath.Path(text if '://' in text else os.path.abspath(text))
 
 PYTREE_METADATA = '_METADATA'
 
@@ -81,7 +89,7 @@ def _step_from_name(path: epath.Path) -> int | None:
 
 def open_t5x_orbax(path: str) -> OrbaxSource:
   """T5X's Orbax format: the PyTree at `path` (or `path/state`) with params under `target`."""
-  root = epath.Path(path)
+  root = as_checkpoint_path(path)
   for directory in (root, root / 'state'):
     if is_pytree_dir(directory):
       tree = _tree_metadata(directory)
@@ -95,7 +103,7 @@ def open_t5x_orbax(path: str) -> OrbaxSource:
 def efficientlm_step_dir(path: str) -> epath.Path:
   """One step of an efficientlm run: given the step directory, the run's `checkpoints/` directory
   or the run directory (MODEL_DIR), the newest step."""
-  root = epath.Path(path)
+  root = as_checkpoint_path(path)
   if not root.exists():
     raise FileNotFoundError(f'Checkpoint path {root} does not exist.')
   if (root / 'params').exists():

@@ -12,7 +12,6 @@ message, in favour of the one before it.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 from typing import Any
 
@@ -20,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from efficientlm.checkpoints.orbax_source import as_checkpoint_path
 from efficientlm.training.metrics import log
 
 ITEMS = ('params', 'opt_state', 'dataset', 'meta')
@@ -46,12 +46,6 @@ class DataIteratorSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class DataIteratorRestore(ocp.args.CheckpointArgs):
   iterator: Any
-
-
-def as_checkpoint_path(path: str | pathlib.Path) -> epath.Path:
-  """Orbax needs absolute paths: local relative ones are resolved, URLs (gs://) kept."""
-  text = str(path)
-  return epath.Path(text if '://' in text else os.path.abspath(text))
 
 
 def _savable(iterator) -> bool:

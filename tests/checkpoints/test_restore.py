@@ -122,3 +122,15 @@ def test_own_checkpoint_with_optimizer_state_restores_its_parameters(tmp_path):
   params, report = restore(open_checkpoint(str(tmp_path / 'checkpoints' / '2')), abstract)
   assert not report.unused  # optimizer slots are not parameters
   _equal(params, written)
+
+
+def test_own_checkpoint_from_a_relative_path(tmp_path, monkeypatch):
+  # Orbax needs absolute paths; a user's `CHECKPOINT_PATH='runs/x'` must still work.
+  _, _, abstract, _ = _setup()
+  written = jax.tree.map(jax.numpy.asarray, _random_tree(abstract))
+  checkpointer = Checkpointer(tmp_path / 'run' / 'checkpoints', async_save=False)
+  checkpointer.save(4, written)
+  checkpointer.close()
+  monkeypatch.chdir(tmp_path)
+  params, _ = restore(open_checkpoint('run'), abstract)
+  _equal(params, written)
