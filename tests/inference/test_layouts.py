@@ -40,23 +40,36 @@ def randomize_norms(params, seed=3):
                       params)
 
 
+def _layer_inputs(cfg, table):
+  """(causal mask, relative bias or None, positions) of the full reference sequence."""
+  positions = jnp.arange(T)[None]
+  mask = masks.make_decoder_mask(jnp.ones((B, T), jnp.int32))
+  bias = None
+  if table is not None:
+    rel = RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
+                               cfg.relative_attention_max_distance)
+    bias = rel.apply({'params': {'rel_embedding': table}}, positions, positions, False)
+  return mask, bias, positions
+
+
+def flax_layer(cfg, params, table, x):
+  """The flax DecoderLayer's output on the full sequence: the unsharded reference."""
+  out, _ = DecoderLayer(cfg, cross_attention=False).apply({'params': params}, x,
+                                                          *_layer_inputs(cfg, table))
+  return out
+
+
 def reference(cfg):
   """(flax layer params, relpos table or None, x_full [B, T, E], reference output)."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(B, T, cfg.emb_dim)), jnp.float32)
-  positions = jnp.arange(T)[None]
-  mask = masks.make_decoder_mask(jnp.ones((B, T), jnp.int32))
-  table, bias = None, None
+  table = None
   if cfg.position_embedding == 'relative':
-    rel = RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
-                               cfg.relative_attention_max_distance)
     table = 3 * jax.random.normal(jax.random.key(1), (cfg.num_heads, 32))
-    bias = rel.apply({'params': {'rel_embedding': table}}, positions, positions, False)
   layer = DecoderLayer(cfg, cross_attention=False)
-  params = randomize_norms(nn.unbox(layer.init(jax.random.key(0), x, mask, bias, positions))
-                           ['params'])
-  out, _ = layer.apply({'params': params}, x, mask, bias, positions)
-  return params, table, x, out
+  params = randomize_norms(nn.unbox(layer.init(jax.random.key(0), x,
+                                               *_layer_inputs(cfg, table)))['params'])
+  return params, table, x, flax_layer(cfg, params, table, x)
 
 
 def reference_keys(cfg, params, x):
@@ -126,13 +139,7 @@ def test_attention_block_alone(mesh):
   # Reference: the flax layer without its MLP (zero W_out makes the feed-forward residual 0).
   no_mlp = jax.tree_util.tree_map_with_path(
       lambda p, v: jnp.zeros_like(v) if 'wo' in str(p) else v, params)
-  positions = jnp.arange(T)[None]
-  bias = RelativePositionBias(8, 32, 128).apply({'params': {'rel_embedding': table}},
-                                                positions, positions, False)
-  out, _ = DecoderLayer(cfg, cross_attention=False).apply(
-      {'params': no_mlp}, x, masks.make_decoder_mask(jnp.ones((B, T), jnp.int32)), bias,
-      positions)
-  check_layer(y, y_step, out)
+  check_layer(y, y_step, flax_layer(cfg, no_mlp, table, x))
 
 
 def mlp_reference(cfg, params, x, norm_scale):
@@ -172,14 +179,8 @@ def test_int8_layer_matches_dequantized(mesh):
   params, table, x, _ = reference(cfg)
   quantized = quantization.quantize_tree(params)
   ref_params = quantization.dequantize_tree(quantized, jnp.float32)
-  positions = jnp.arange(T)[None]
-  bias = RelativePositionBias(8, 32, 128).apply({'params': {'rel_embedding': table}},
-                                                positions, positions, False)
-  out, _ = DecoderLayer(cfg, cross_attention=False).apply(
-      {'params': ref_params}, x, masks.make_decoder_mask(jnp.ones((B, T), jnp.int32)), bias,
-      positions)
   y, _, y_step, _ = run_layer(mesh, cfg, Layout('wg_x', 'batch_z'), quantized, table, x)
-  check_layer(y, y_step, out)
+  check_layer(y, y_step, flax_layer(cfg, ref_params, table, x))
 
 
 @pytest.mark.parametrize('kw,layout,match', [
