@@ -92,15 +92,22 @@ def _step_array(step: int, abstract: TrainState) -> jax.Array:
 
 
 class PreemptionWatcher(contextlib.AbstractContextManager):
-  """Turns SIGTERM into a flag the loop checks after every step (all processes agree on the
-  step through JAX's preemption sync point when running multi-process)."""
+  """Turns SIGTERM into a stop at a step that every process agrees on.
+
+  One process: a Python SIGTERM handler sets a flag the loop checks after every step.
+  Several processes: each may get the signal at a different step, so the flag alone would stop
+  them at different steps (and the collective checkpoint would hang). jax.distributed's
+  preemption sync manager catches SIGTERM itself and `reached_preemption_sync_point` turns true
+  on every process at the same step; a Python handler would replace its signal handler, so
+  none is installed then.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -111,7 +118,7 @@ class PreemptionWatcher(contextlib.AbstractContextManager):
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return self.requested or multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
   def __exit__(self, *exc):
