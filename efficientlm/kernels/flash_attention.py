@@ -1,0 +1,143 @@
+"""Flash attention (Dao et al. 2022): one entry, XLA reference or Pallas kernels, custom VJP.
+
+Layout as in `layers.attention`: q [b, q_len, heads, d], k/v [b, k_len, kv_heads, d]; query head
+h reads KV head h // (heads // kv_heads), so grouped/multi-query KV heads are never repeated
+(also not in dk/dv, which the backward kernel sums over each group). Masking semantics (causal
+aligned bottom-right, segment ids, rows that see no key output 0) are documented in
+`flash_reference`.
+
+TODO (not implemented, do not pass them through other arguments):
+- additive relative-position bias computed per block from the [heads, buckets] table (T5);
+- block-sparse masks; attention dropout; 'cudnn' implementation;
+- TPU Mosaic kernel (on TPU 'auto' picks 'xla'; 'pallas' runs in interpret mode);
+- fast paths: unmasked inner loop for blocks fully below the diagonal, autotuned block sizes
+  and num_warps / num_stages for Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from efficientlm.kernels.flash_attention_bwd import flash_backward
+from efficientlm.kernels.flash_attention_fwd import Config, flash_forward
+from efficientlm.kernels.flash_reference import flash_attention_reference
+
+IMPLEMENTATIONS = ('auto', 'xla', 'pallas')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_seg, kv_seg, cfg: Config):
+  return flash_forward(q, k, v, q_seg, kv_seg, cfg)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg, cfg):
+  out, lse = flash_forward(q, k, v, q_seg, kv_seg, cfg)
+  return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _flash_bwd(cfg, residuals, d_out):
+  q, k, v, q_seg, kv_seg, out, lse = residuals
+  dq, dk, dv = flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, cfg)
+  return dq, dk, dv, None, None  # segment ids are integers: no cotangent
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _next_power_of_2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def _pad_axis(x, axis: int, size: int):
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def _check(q, k, v, q_seg, kv_seg, block_q, block_k, window, implementation):
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'flash_attention implementation={implementation!r}; choose from '
+                     f'{IMPLEMENTATIONS}.')
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f'flash_attention takes q [b, q_len, heads, d] and k, v [b, k_len, '
+                     f'kv_heads, d]; got q {q.shape}, k {k.shape}, v {v.shape}.')
+  if k.shape != v.shape or k.shape[0] != q.shape[0]:
+    raise ValueError(f'k {k.shape} and v {v.shape} must have the same shape, with the batch of '
+                     f'q {q.shape}.')
+  if k.shape[3] != q.shape[3]:
+    raise ValueError(f'Head dim mismatch: q has {q.shape[3]}, k/v have {k.shape[3]}.')
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f'{q.shape[2]} query heads are not divisible by {k.shape[2]} KV heads.')
+  if q_seg is not None:
+    want = ((q.shape[0], q.shape[1]), (k.shape[0], k.shape[1]))
+    if (q_seg.shape, kv_seg.shape) != want:
+      raise ValueError(f'segment ids must be q_segment_ids {want[0]} and kv_segment_ids '
+                       f'{want[1]}; got {q_seg.shape} and {kv_seg.shape}.')
+  for name, block in (('block_q', block_q), ('block_k', block_k)):
+    if block < 16 or block & (block - 1):  # Triton wants power-of-2 tiles of at least 16
+      raise ValueError(f'{name}={block} must be a power of 2 >= 16.')
+  if window is not None and window < 1:
+    raise ValueError(f'window={window} must be a positive number of positions (or None).')
+
+
+def flash_attention(q: jax.Array,
+                    k: jax.Array,
+                    v: jax.Array,
+                    *,
+                    causal: bool = False,
+                    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+                    scale: float | None = None,
+                    window: int | None = None,
+                    implementation: str = 'auto',
+                    block_q: int = 64,
+                    block_k: int = 64) -> jax.Array:
+  """Softmax(scale q k^T + mask) v; returns [b, q_len, heads, d] in q.dtype.
+
+  segment_ids: (q_segment_ids [b, q_len], kv_segment_ids [b, k_len]), or one [b, len] array
+    for self-attention; queries read keys of the same id.
+  scale: None means 1: the codebase convention is that callers scale q (T5 folds 1/sqrt(d)
+    into the query initialization); pass d**-0.5 for the usual scaling.
+  window: local attention; query at position p reads keys j with p - window < j (and, unless
+    causal, j < p + window).
+  implementation: 'xla' (the jnp reference), 'pallas' (the kernels; interpret mode off GPU),
+    'auto' (pallas on GPU, xla elsewhere).
+  block_q, block_k: tile sizes, powers of 2 >= 16; clipped to the (padded) lengths.
+  """
+  if segment_ids is None:
+    q_seg = kv_seg = None
+  elif isinstance(segment_ids, (tuple, list)):
+    q_seg, kv_seg = segment_ids
+  else:
+    q_seg = kv_seg = segment_ids
+  _check(q, k, v, q_seg, kv_seg, block_q, block_k, window, implementation)
+  scale = 1.0 if scale is None else float(scale)
+  backend = jax.default_backend()
+  if implementation == 'auto':
+    implementation = 'pallas' if backend == 'gpu' else 'xla'
+  if implementation == 'xla':
+    return flash_attention_reference(q, k, v, causal=causal, q_segment_ids=q_seg,
+                                     kv_segment_ids=kv_seg, scale=scale, window=window)
+
+  _, q_len, _, depth = q.shape
+  k_len = k.shape[1]
+  block_q = min(block_q, _next_power_of_2(max(q_len, 16)))
+  block_k = min(block_k, _next_power_of_2(max(k_len, 16)))
+  cfg = Config(scale=scale, causal=causal, window=window, q_len=q_len, k_len=k_len,
+               block_q=block_q, block_k=block_k, interpret=backend != 'gpu')
+  # Pad lengths to whole blocks (padded keys are masked in the kernel, padded query rows are
+  # dropped) and head_dim to a power of 2 (zeros change neither q.k nor the kept columns).
+  q_pad, k_pad = -(-q_len // block_q) * block_q, -(-k_len // block_k) * block_k
+  d_pad = max(_next_power_of_2(depth), 16)
+  qp = _pad_axis(_pad_axis(q, 1, q_pad), 3, d_pad)
+  kp = _pad_axis(_pad_axis(k, 1, k_pad), 3, d_pad)
+  vp = _pad_axis(_pad_axis(v, 1, k_pad), 3, d_pad)
+  if q_seg is not None:
+    q_seg = _pad_axis(q_seg.astype(jnp.int32), 1, q_pad)
+    kv_seg = _pad_axis(kv_seg.astype(jnp.int32), 1, k_pad)
+  out = _flash(qp, kp, vp, q_seg, kv_seg, cfg)
+  return out[:, :q_len, :, :depth]

@@ -1,0 +1,154 @@
+"""Flash attention backward Pallas kernels (FlashAttention-2 style, two kernels).
+
+With P = exp(S - lse) rebuilt from the saved logsumexp and D = rowsum(dO * O):
+  dV = P^T dO,   dP = dO V^T,   dS = P * (dP - D),   dQ = scale dS K,   dK = scale dS^T Q.
+- dk/dv kernel: one program per (batch, KV head, key block); it loops over the query heads of
+  its group and over query blocks, so dK/dV of grouped heads are summed in the kernel and
+  written once, at the KV head count.
+- dq kernel: one program per (batch, query head, query block), looping over key blocks.
+Both accumulate in float32 and skip blocks that the causal/window mask hides entirely.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+from efficientlm.kernels.flash_attention_fwd import Config, block_mask, k_block_range, matmul_nt
+
+
+def _matmul_tn(a, b):
+  """a[m, n]^T @ b[m, d] in float32."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _matmul_nn(a, b):
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _probs_and_dscores(cfg, q, k, v, do, lse, delta, mask):
+  """P and dS [block_q, block_k] of one block pair, float32."""
+  s = matmul_nt(q, k) * cfg.scale
+  p = jnp.exp(s - lse[:, None])  # rows that saw no key have lse = +inf, so p = 0
+  if mask is not None:
+    p = jnp.where(mask, p, 0.0)
+  dp = matmul_nt(do, v)
+  return p, p * (dp - delta[:, None])
+
+
+def q_block_range(cfg: Config, k_start, num_q_blocks: int):
+  """[lo, hi) of query blocks that can see the key block starting at k_start."""
+  lo, hi = 0, num_q_blocks
+  k_last = k_start + cfg.block_k - 1
+  if cfg.causal:  # query at position p sees key j iff j <= p, p = row + offset
+    lo = jnp.clip(lax.div(jnp.maximum(k_start - cfg.offset, 0), cfg.block_q), 0, num_q_blocks)
+  if cfg.window is not None:  # p - window < j  =>  row <= j + window - 1 - offset
+    last_row = k_last + cfg.window - 1 - cfg.offset
+    hi = jnp.clip(lax.div(jnp.maximum(last_row, -1) + cfg.block_q, cfg.block_q), 0, num_q_blocks)
+    if not cfg.causal:  # j - p < window  =>  row >= j - window + 1 - offset
+      first_row = k_start - cfg.window + 1 - cfg.offset
+      lo = jnp.clip(lax.div(jnp.maximum(first_row, 0), cfg.block_q), 0, num_q_blocks)
+  return lo, hi
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Config,
+                 has_segments: bool):
+  if has_segments:
+    q_seg_ref, kv_seg_ref, dk_ref, dv_ref = refs
+  else:
+    dk_ref, dv_ref = refs
+  block_q, block_k = cfg.block_q, cfg.block_k
+  k_start = pl.program_id(2) * block_k
+  k, v = k_ref[...], v_ref[...]
+  kv_seg = kv_seg_ref[...] if has_segments else None
+  group, num_q_blocks = q_ref.shape[1], q_ref.shape[0] // block_q
+  lo, hi = q_block_range(cfg, k_start, num_q_blocks)
+
+  def head_body(g, carry):
+    def q_body(i, carry):
+      dk, dv = carry
+      q_start = i * block_q
+      rows = pl.ds(q_start, block_q)
+      q, do = q_ref[rows, g, :], do_ref[rows, g, :]
+      q_seg = q_seg_ref[rows] if has_segments else None
+      mask = block_mask(cfg, q_start, k_start, q_seg, kv_seg, block_q, block_k)
+      p, ds = _probs_and_dscores(cfg, q, k, v, do, lse_ref[g, rows], delta_ref[g, rows], mask)
+      dv = dv + _matmul_tn(p.astype(do.dtype), do)
+      dk = dk + _matmul_tn(ds.astype(q.dtype), q)
+      return dk, dv
+    return lax.fori_loop(lo, hi, q_body, carry)
+
+  zeros = jnp.zeros((block_k, k_ref.shape[-1]), jnp.float32)
+  dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
+  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Config,
+               has_segments: bool):
+  if has_segments:
+    q_seg_ref, kv_seg_ref, dq_ref = refs
+  else:
+    (dq_ref,) = refs
+  block_q, block_k = cfg.block_q, cfg.block_k
+  q_start = pl.program_id(2) * block_q
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q_seg = q_seg_ref[...] if has_segments else None
+
+  def body(j, dq):
+    k_start = j * block_k
+    cols = pl.ds(k_start, block_k)
+    k, v = k_ref[cols, :], v_ref[cols, :]
+    kv_seg = kv_seg_ref[cols] if has_segments else None
+    mask = block_mask(cfg, q_start, k_start, q_seg, kv_seg, block_q, block_k)
+    _, ds = _probs_and_dscores(cfg, q, k, v, do, lse, delta, mask)
+    return dq + _matmul_nn(ds.astype(k.dtype), k)
+
+  lo, hi = k_block_range(cfg, q_start, k_ref.shape[0] // block_k)
+  dq = lax.fori_loop(lo, hi, body, jnp.zeros(q_ref.shape, jnp.float32))
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, cfg: Config):
+  """Padded inputs and the forward's (out, lse) plus d_out -> (dq, dk, dv)."""
+  batch, q_len, heads, depth = q.shape
+  k_len, kv_heads = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  has_segments = q_seg is not None
+  # D = rowsum(dO * O) [b, heads, lq]: elementwise, left to XLA to fuse.
+  delta = jnp.einsum('bqhd,bqhd->bhq', d_out.astype(jnp.float32), out.astype(jnp.float32))
+  seg_args = [q_seg, kv_seg] if has_segments else []
+
+  # dk, dv: grid over (batch, KV head, key block); all query heads of the group, whole length.
+  q_group = pl.BlockSpec((None, q_len, group, depth), lambda b, h, j: (b, 0, h, 0))
+  row_group = pl.BlockSpec((None, group, q_len), lambda b, h, j: (b, h, 0))
+  k_block = pl.BlockSpec((None, cfg.block_k, None, depth), lambda b, h, j: (b, j, h, 0))
+  in_specs = [q_group, k_block, k_block, q_group, row_group, row_group]
+  if has_segments:
+    in_specs += [pl.BlockSpec((None, q_len), lambda b, h, j: (b, 0)),
+                 pl.BlockSpec((None, cfg.block_k), lambda b, h, j: (b, j))]
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkdv_kernel, cfg=cfg, has_segments=has_segments),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      grid=(batch, kv_heads, k_len // cfg.block_k), in_specs=in_specs,
+      out_specs=[k_block, k_block], interpret=cfg.interpret,
+      name='flash_attention_dkdv')(q, k, v, d_out, lse, delta, *seg_args)
+
+  # dq: grid over (batch, query head, query block), like the forward.
+  q_block = pl.BlockSpec((None, cfg.block_q, None, depth), lambda b, h, i: (b, i, h, 0))
+  row_block = pl.BlockSpec((None, None, cfg.block_q), lambda b, h, i: (b, h, i))
+  kv_all = pl.BlockSpec((None, k_len, None, depth), lambda b, h, i: (b, 0, h // group, 0))
+  in_specs = [q_block, kv_all, kv_all, q_block, row_block, row_block]
+  if has_segments:
+    in_specs += [pl.BlockSpec((None, cfg.block_q), lambda b, h, i: (b, i)),
+                 pl.BlockSpec((None, k_len), lambda b, h, i: (b, 0))]
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg, has_segments=has_segments),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      grid=(batch, heads, q_len // cfg.block_q), in_specs=in_specs, out_specs=q_block,
+      interpret=cfg.interpret, name='flash_attention_dq')(q, k, v, d_out, lse, delta, *seg_args)
+  return dq, dk, dv

@@ -1,0 +1,141 @@
+"""Flash attention forward Pallas kernel (Dao et al. 2022) and the block mask it shares.
+
+One program per (batch, query head, query block): it keeps the query block resident, streams
+key/value blocks of its KV head (h // group, so grouped KV heads are never repeated) and keeps an
+online softmax in float32. It writes the output and the per-row logsumexp for the backward.
+Arrays arrive padded to whole blocks; `Config.q_len` / `k_len` are the true lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Static kernel settings (hashable: used as a custom_vjp nondiff argument)."""
+  scale: float
+  causal: bool
+  window: int | None
+  q_len: int  # true lengths, before padding to whole blocks
+  k_len: int
+  block_q: int
+  block_k: int
+  interpret: bool
+
+  @property
+  def offset(self) -> int:
+    """Key position of query 0 under bottom-right causal alignment."""
+    return self.k_len - self.q_len
+
+
+def block_mask(cfg: Config, q_start, k_start, q_seg, kv_seg, block_q: int, block_k: int):
+  """Bool [block_q, block_k] of allowed (query, key) pairs; None when nothing is masked."""
+  rows = q_start + cfg.offset + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+  cols = k_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+  conds = []
+  if cfg.k_len % cfg.block_k:  # padded keys
+    conds.append(cols < cfg.k_len)
+  if cfg.causal:
+    conds.append(cols <= rows)
+  if cfg.window is not None:
+    conds.append(rows - cols < cfg.window)
+    if not cfg.causal:
+      conds.append(cols - rows < cfg.window)
+  if q_seg is not None:
+    conds.append(q_seg[:, None] == kv_seg[None, :])
+  if not conds:
+    return None
+  return functools.reduce(jnp.logical_and, conds)
+
+
+def k_block_range(cfg: Config, q_start, num_k_blocks: int):
+  """[lo, hi) of key blocks that a query block starting at q_start can see."""
+  lo, hi = 0, num_k_blocks
+  last_pos = q_start + cfg.block_q - 1 + cfg.offset  # position of the block's last query
+  if cfg.causal:
+    hi = jnp.clip(lax.div(last_pos + cfg.block_k, cfg.block_k), 0, num_k_blocks)
+  if cfg.window is not None:
+    first_key = q_start + cfg.offset - cfg.window + 1
+    lo = jnp.clip(lax.div(jnp.maximum(first_key, 0), cfg.block_k), 0, num_k_blocks)
+    if not cfg.causal:
+      hi = jnp.clip(lax.div(jnp.maximum(last_pos + cfg.window - 1, -1) + cfg.block_k,
+                            cfg.block_k), 0, num_k_blocks)
+  return lo, hi
+
+
+def matmul_nt(a, b):
+  """a [m, d] @ b[n, d]^T in float32."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, cfg: Config, has_segments: bool):
+  if has_segments:
+    q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
+  else:
+    o_ref, lse_ref = refs
+  block_q, block_k = cfg.block_q, cfg.block_k
+  q_start = pl.program_id(2) * block_q
+  q = q_ref[...]
+  q_seg = q_seg_ref[...] if has_segments else None
+  num_k_blocks = k_ref.shape[0] // block_k
+
+  def body(j, carry):
+    acc, m, l = carry
+    k_start = j * block_k
+    k = k_ref[pl.ds(k_start, block_k), :]
+    v = v_ref[pl.ds(k_start, block_k), :]
+    s = matmul_nt(q, k) * cfg.scale
+    kv_seg = kv_seg_ref[pl.ds(k_start, block_k)] if has_segments else None
+    mask = block_mask(cfg, q_start, k_start, q_seg, kv_seg, block_q, block_k)
+    if mask is not None:
+      s = jnp.where(mask, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    # A row with nothing seen yet has max -inf; shift by 0 instead so exp gives 0, not NaN.
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe[:, None])
+    alpha = jnp.exp(m - m_safe)
+    l = alpha * l + jnp.sum(p, axis=1)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+    return acc * alpha[:, None] + pv, m_new, l
+
+  acc = jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32)
+  m = jnp.full((block_q,), -jnp.inf, jnp.float32)
+  l = jnp.zeros((block_q,), jnp.float32)
+  lo, hi = k_block_range(cfg, q_start, num_k_blocks)
+  acc, m, l = lax.fori_loop(lo, hi, body, (acc, m, l))
+  empty = l == 0.0  # rows that see no key: output 0, lse +inf (so exp(s - lse) = 0 in bwd)
+  l_safe = jnp.where(empty, 1.0, l)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(l_safe))
+
+
+def flash_forward(q, k, v, q_seg, kv_seg, cfg: Config):
+  """Padded q [b, lq, heads, d], k/v [b, lk, kv_heads, d] -> (out, lse [b, heads, lq] f32)."""
+  batch, q_len, heads, depth = q.shape
+  k_len, kv_heads = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  has_segments = q_seg is not None
+  grid = (batch, heads, q_len // cfg.block_q)
+  q_spec = pl.BlockSpec((None, cfg.block_q, None, depth), lambda b, h, i: (b, i, h, 0))
+  kv_spec = pl.BlockSpec((None, k_len, None, depth), lambda b, h, i: (b, 0, h // group, 0))
+  in_specs = [q_spec, kv_spec, kv_spec]
+  args = [q, k, v]
+  if has_segments:
+    in_specs += [pl.BlockSpec((None, cfg.block_q), lambda b, h, i: (b, i)),
+                 pl.BlockSpec((None, k_len), lambda b, h, i: (b, 0))]
+    args += [q_seg, kv_seg]
+  out_specs = [q_spec, pl.BlockSpec((None, None, cfg.block_q), lambda b, h, i: (b, h, i))]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)]
+  kernel = functools.partial(_forward_kernel, cfg=cfg, has_segments=has_segments)
+  return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
+                        out_specs=out_specs, interpret=cfg.interpret,
+                        name='flash_attention_fwd')(*args)
