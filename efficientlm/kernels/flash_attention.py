@@ -6,9 +6,13 @@ h reads KV head h // (heads // kv_heads), so grouped/multi-query KV heads are ne
 aligned bottom-right, segment ids, rows that see no key output 0) are documented in
 `flash_reference`.
 
+Options: a T5 relative-position bias (`RelativeBias`) that the kernels rebuild per block from
+the [heads, buckets] table, with its gradient; a block-sparse mask (`block_sparse`, e.g.
+BigBird) whose False blocks the kernels skip.
+
 TODO (not implemented, do not pass them through other arguments):
-- additive relative-position bias computed per block from the [heads, buckets] table (T5);
-- block-sparse masks; attention dropout; 'cudnn' implementation;
+- attention dropout; 'cudnn' implementation; per-example position offsets
+  for the relative bias;
 - TPU Mosaic kernel (on TPU 'auto' picks 'xla'; 'pallas' runs in interpret mode);
 - fast paths: unmasked inner loop for blocks fully below the diagonal, autotuned block sizes
   and num_warps / num_stages for Triton.
@@ -16,6 +20,7 @@ TODO (not implemented, do not pass them through other arguments):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -23,25 +28,44 @@ import jax.numpy as jnp
 
 from efficientlm.kernels.flash_attention_bwd import flash_backward
 from efficientlm.kernels.flash_attention_fwd import Config, flash_forward
+from efficientlm.kernels import block_sparse
+from efficientlm.kernels import flash_reference
 from efficientlm.kernels.flash_reference import flash_attention_reference
 
 IMPLEMENTATIONS = ('auto', 'xla', 'pallas')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, q_seg, kv_seg, cfg: Config):
-  return flash_forward(q, k, v, q_seg, kv_seg, cfg)[0]
+@functools.partial(jax.tree_util.register_dataclass, data_fields=['table'],
+                   meta_fields=['num_buckets', 'max_distance', 'bidirectional'])
+@dataclasses.dataclass(frozen=True)
+class RelativeBias:
+  """T5 relative-position bias (`layers.position.RelativePositionBias`) for flash_attention.
+
+  table: [heads, buckets] (differentiable); bias[h, i, j] = table[h, bucket(j - (i + k_len -
+  q_len))]: query i sits at key position i + k_len - q_len (the causal alignment), key j at j.
+  A pytree whose only leaf is the table, so it passes through jit and grad.
+  """
+  table: jax.Array
+  num_buckets: int = 32
+  max_distance: int = 128
+  bidirectional: bool = True
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, cfg):
-  out, lse = flash_forward(q, k, v, q_seg, kv_seg, cfg)
-  return out, (q, k, v, q_seg, kv_seg, out, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, k, v, q_seg, kv_seg, table, sparse, cfg: Config):
+  return flash_forward(q, k, v, q_seg, kv_seg, table, sparse, cfg)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg, table, sparse, cfg):
+  out, lse = flash_forward(q, k, v, q_seg, kv_seg, table, sparse, cfg)
+  return out, (q, k, v, q_seg, kv_seg, table, sparse, out, lse)
 
 
 def _flash_bwd(cfg, residuals, d_out):
-  q, k, v, q_seg, kv_seg, out, lse = residuals
-  dq, dk, dv = flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, cfg)
-  return dq, dk, dv, None, None  # segment ids are integers: no cotangent
+  q, k, v, q_seg, kv_seg, table, sparse, out, lse = residuals
+  dq, dk, dv, dtable = flash_backward(q, k, v, q_seg, kv_seg, table, sparse, out, lse, d_out,
+                                      cfg)
+  return dq, dk, dv, None, None, dtable, None  # segment ids and block masks are integers
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -57,6 +81,18 @@ def _pad_axis(x, axis: int, size: int):
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, size - x.shape[axis])
   return jnp.pad(x, widths)
+
+
+def _check_bias(rb, heads: int):
+  if not isinstance(rb, RelativeBias):
+    raise TypeError(f'relative_bias must be a RelativeBias, got {type(rb).__name__}.')
+  if rb.table.ndim != 2 or rb.table.shape != (heads, rb.num_buckets):
+    raise ValueError(f'relative_bias.table must be [heads={heads}, num_buckets='
+                     f'{rb.num_buckets}], got {rb.table.shape}.')
+  half = rb.num_buckets // 2 if rb.bidirectional else rb.num_buckets
+  if half < 2 or rb.max_distance <= half // 2:  # the log branch needs max_distance > max_exact
+    raise ValueError(f'relative_bias: num_buckets={rb.num_buckets}, max_distance='
+                     f'{rb.max_distance} leave no room for T5 bucketing; use e.g. 32 and 128.')
 
 
 def _check(q, k, v, q_seg, kv_seg, block_q, block_k, window, implementation):
@@ -95,8 +131,10 @@ def flash_attention(q: jax.Array,
                     window: int | None = None,
                     implementation: str = 'auto',
                     block_q: int = 64,
-                    block_k: int = 64) -> jax.Array:
-  """Softmax(scale q k^T + mask) v; returns [b, q_len, heads, d] in q.dtype.
+                    block_k: int = 64,
+                    relative_bias: RelativeBias | None = None,
+                    block_mask: jax.Array | None = None) -> jax.Array:
+  """Softmax(scale q k^T + bias + mask) v; returns [b, q_len, heads, d] in q.dtype.
 
   segment_ids: (q_segment_ids [b, q_len], kv_segment_ids [b, k_len]), or one [b, len] array
     for self-attention; queries read keys of the same id.
@@ -107,6 +145,10 @@ def flash_attention(q: jax.Array,
   implementation: 'xla' (the jnp reference), 'pallas' (the kernels; interpret mode off GPU),
     'auto' (pallas on GPU, xla elsewhere).
   block_q, block_k: tile sizes, powers of 2 >= 16; clipped to the (padded) lengths.
+  relative_bias: T5 bias added to the (scaled) logits, computed per block in the kernels; the
+    table gets a gradient. See `RelativeBias` for the positions.
+  block_mask: bool [ceil(q_len / block_q), ceil(k_len / block_k)], built with the block_q and
+    block_k passed here: False blocks are skipped (see `block_sparse`).
   """
   if segment_ids is None:
     q_seg = kv_seg = None
@@ -115,20 +157,36 @@ def flash_attention(q: jax.Array,
   else:
     q_seg = kv_seg = segment_ids
   _check(q, k, v, q_seg, kv_seg, block_q, block_k, window, implementation)
+  if relative_bias is not None:
+    _check_bias(relative_bias, q.shape[2])
+  if block_mask is not None:
+    block_sparse.check_block_mask(block_mask, q.shape[1], k.shape[1], block_q, block_k)
   scale = 1.0 if scale is None else float(scale)
   backend = jax.default_backend()
   if implementation == 'auto':
     implementation = 'pallas' if backend == 'gpu' else 'xla'
-  if implementation == 'xla':
-    return flash_attention_reference(q, k, v, causal=causal, q_segment_ids=q_seg,
-                                     kv_segment_ids=kv_seg, scale=scale, window=window)
-
   _, q_len, _, depth = q.shape
   k_len = k.shape[1]
+  rb = relative_bias
+  if implementation == 'xla':
+    bias = None if rb is None else flash_reference.relative_bias(
+        rb.table, q_len, k_len, num_buckets=rb.num_buckets, max_distance=rb.max_distance,
+        bidirectional=rb.bidirectional)
+    mask = None if block_mask is None else block_sparse.expand_block_mask(
+        block_mask, q_len, k_len, block_q, block_k)[None]
+    return flash_attention_reference(q, k, v, causal=causal, q_segment_ids=q_seg,
+                                     kv_segment_ids=kv_seg, scale=scale, window=window,
+                                     bias=bias, mask=mask)
+
+  # Clipping keeps the block mask valid: a clipped size covers its length in one block.
   block_q = min(block_q, _next_power_of_2(max(q_len, 16)))
   block_k = min(block_k, _next_power_of_2(max(k_len, 16)))
   cfg = Config(scale=scale, causal=causal, window=window, q_len=q_len, k_len=k_len,
-               block_q=block_q, block_k=block_k, interpret=backend != 'gpu')
+               block_q=block_q, block_k=block_k, interpret=backend != 'gpu',
+               bias_buckets=0 if rb is None else rb.num_buckets,
+               bias_max_distance=128 if rb is None else rb.max_distance,
+               bias_bidirectional=True if rb is None else rb.bidirectional,
+               block_sparse=block_mask is not None)
   # Pad lengths to whole blocks (padded keys are masked in the kernel, padded query rows are
   # dropped) and head_dim to a power of 2 (zeros change neither q.k nor the kept columns).
   q_pad, k_pad = -(-q_len // block_q) * block_q, -(-k_len // block_k) * block_k
@@ -139,5 +197,7 @@ def flash_attention(q: jax.Array,
   if q_seg is not None:
     q_seg = _pad_axis(q_seg.astype(jnp.int32), 1, q_pad)
     kv_seg = _pad_axis(kv_seg.astype(jnp.int32), 1, k_pad)
-  out = _flash(qp, kp, vp, q_seg, kv_seg, cfg)
+  table = None if rb is None else rb.table
+  sparse = None if block_mask is None else jnp.asarray(block_mask).astype(jnp.int32)
+  out = _flash(qp, kp, vp, q_seg, kv_seg, table, sparse, cfg)
   return out[:, :q_len, :, :depth]

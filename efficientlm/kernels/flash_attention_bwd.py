@@ -6,7 +6,11 @@ With P = exp(S - lse) rebuilt from the saved logsumexp and D = rowsum(dO * O):
   its group and over query blocks, so dK/dV of grouped heads are summed in the kernel and
   written once, at the KV head count.
 - dq kernel: one program per (batch, query head, query block), looping over key blocks.
-Both accumulate in float32 and skip blocks that the causal/window mask hides entirely.
+Both accumulate in float32 and skip blocks that the causal/window mask hides entirely, or that
+the block-sparse mask turns off.
+- relative bias: the logit bias is its own input, so d(table)[h, n] is the sum of dS over the
+  entries of bucket n. The dq kernel (one query head per program) sums it per query block and
+  writes [b, heads, q_blocks, buckets] partials that XLA reduces.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-from efficientlm.kernels.flash_attention_fwd import Config, block_mask, k_block_range, matmul_nt
+from efficientlm.kernels.flash_attention_fwd import (Config, block_buckets, block_mask,
+                                                     block_scores, k_block_range, matmul_nt,
+                                                     option_specs, unpack_options,
+                                                     when_block_active)
 
 
 def _matmul_tn(a, b):
@@ -30,9 +37,8 @@ def _matmul_nn(a, b):
   return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _probs_and_dscores(cfg, q, k, v, do, lse, delta, mask):
-  """P and dS [block_q, block_k] of one block pair, float32."""
-  s = matmul_nt(q, k) * cfg.scale
+def _probs_and_dscores(cfg, q, k, v, do, lse, delta, mask, s):
+  """P and dS [block_q, block_k] of one block pair, float32, from its logits s."""
   p = jnp.exp(s - lse[:, None])  # rows that saw no key have lse = +inf, so p = 0
   if mask is not None:
     p = jnp.where(mask, p, 0.0)
@@ -55,31 +61,48 @@ def q_block_range(cfg: Config, k_start, num_q_blocks: int):
   return lo, hi
 
 
+def _bucket_sums(cfg: Config, buckets, ds):
+  """Float32 [buckets]: the sum of ds over the entries of each bucket."""
+  ids = lax.broadcasted_iota(jnp.int32, (cfg.bias_buckets,), 0)
+
+  def add_bucket(n, sums):
+    return sums + jnp.where(ids == n, jnp.sum(jnp.where(buckets == n, ds, 0.0)), 0.0)
+
+  return lax.fori_loop(0, cfg.bias_buckets, add_bucket, jnp.zeros((cfg.bias_buckets,),
+                                                                   jnp.float32))
+
+
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Config,
                  has_segments: bool):
-  if has_segments:
-    q_seg_ref, kv_seg_ref, dk_ref, dv_ref = refs
-  else:
-    dk_ref, dv_ref = refs
+  q_seg_ref, kv_seg_ref, table_ref, sparse_ref, dk_ref, dv_ref = unpack_options(
+      refs, cfg, has_segments)
   block_q, block_k = cfg.block_q, cfg.block_k
-  k_start = pl.program_id(2) * block_k
+  kj = pl.program_id(2)  # read here: interpret mode cannot lower program_id inside loops
+  k_start = kj * block_k
   k, v = k_ref[...], v_ref[...]
   kv_seg = kv_seg_ref[...] if has_segments else None
   group, num_q_blocks = q_ref.shape[1], q_ref.shape[0] // block_q
   lo, hi = q_block_range(cfg, k_start, num_q_blocks)
 
   def head_body(g, carry):
-    def q_body(i, carry):
+    def q_block(i, carry):
       dk, dv = carry
       q_start = i * block_q
       rows = pl.ds(q_start, block_q)
       q, do = q_ref[rows, g, :], do_ref[rows, g, :]
       q_seg = q_seg_ref[rows] if has_segments else None
       mask = block_mask(cfg, q_start, k_start, q_seg, kv_seg, block_q, block_k)
-      p, ds = _probs_and_dscores(cfg, q, k, v, do, lse_ref[g, rows], delta_ref[g, rows], mask)
+      s = block_scores(cfg, q, k, q_start, k_start, table_ref, head=g)
+      p, ds = _probs_and_dscores(cfg, q, k, v, do, lse_ref[g, rows], delta_ref[g, rows], mask,
+                                 s)
       dv = dv + _matmul_tn(p.astype(do.dtype), do)
       dk = dk + _matmul_tn(ds.astype(q.dtype), q)
       return dk, dv
+
+    def q_body(i, carry):
+      return when_block_active(sparse_ref, i, kj, functools.partial(q_block, i),
+                               carry)
+
     return lax.fori_loop(lo, hi, q_body, carry)
 
   zeros = jnp.zeros((block_k, k_ref.shape[-1]), jnp.float32)
@@ -90,31 +113,41 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Co
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Config,
                has_segments: bool):
-  if has_segments:
-    q_seg_ref, kv_seg_ref, dq_ref = refs
-  else:
-    (dq_ref,) = refs
+  q_seg_ref, kv_seg_ref, table_ref, sparse_ref, dq_ref, *dtable_ref = unpack_options(
+      refs, cfg, has_segments)
   block_q, block_k = cfg.block_q, cfg.block_k
-  q_start = pl.program_id(2) * block_q
+  qi = pl.program_id(2)  # read here: interpret mode cannot lower program_id inside loops
+  q_start = qi * block_q
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
   q_seg = q_seg_ref[...] if has_segments else None
 
-  def body(j, dq):
+  def block(j, carry):
+    dq, dtable = carry
     k_start = j * block_k
     cols = pl.ds(k_start, block_k)
     k, v = k_ref[cols, :], v_ref[cols, :]
     kv_seg = kv_seg_ref[cols] if has_segments else None
     mask = block_mask(cfg, q_start, k_start, q_seg, kv_seg, block_q, block_k)
-    _, ds = _probs_and_dscores(cfg, q, k, v, do, lse, delta, mask)
-    return dq + _matmul_nn(ds.astype(k.dtype), k)
+    s = block_scores(cfg, q, k, q_start, k_start, table_ref)
+    _, ds = _probs_and_dscores(cfg, q, k, v, do, lse, delta, mask, s)
+    if cfg.has_bias:  # the bias enters the logits unscaled: its cotangent is dS itself
+      dtable = dtable + _bucket_sums(cfg, block_buckets(cfg, q_start, k_start, *ds.shape), ds)
+    return dq + _matmul_nn(ds.astype(k.dtype), k), dtable
+
+  def body(j, carry):
+    return when_block_active(sparse_ref, qi, j, functools.partial(block, j), carry)
 
   lo, hi = k_block_range(cfg, q_start, k_ref.shape[0] // block_k)
-  dq = lax.fori_loop(lo, hi, body, jnp.zeros(q_ref.shape, jnp.float32))
+  init = (jnp.zeros(q_ref.shape, jnp.float32), jnp.zeros((max(cfg.bias_buckets, 1),),
+                                                         jnp.float32))
+  dq, dtable = lax.fori_loop(lo, hi, body, init)
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+  if cfg.has_bias:
+    dtable_ref[0][...] = dtable
 
 
-def flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, cfg: Config):
-  """Padded inputs and the forward's (out, lse) plus d_out -> (dq, dk, dv)."""
+def flash_backward(q, k, v, q_seg, kv_seg, table, sparse, out, lse, d_out, cfg: Config):
+  """Padded inputs and the forward's (out, lse) plus d_out -> (dq, dk, dv, dtable | None)."""
   batch, q_len, heads, depth = q.shape
   k_len, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
@@ -131,12 +164,14 @@ def flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, cfg: Config):
   if has_segments:
     in_specs += [pl.BlockSpec((None, q_len), lambda b, h, j: (b, 0)),
                  pl.BlockSpec((None, cfg.block_k), lambda b, h, j: (b, j))]
+  # The table rows of the KV head's group of query heads.
+  specs, option_args = option_specs(cfg, table, sparse, lambda b, h, j: h, table_rows=group)
   dk, dv = pl.pallas_call(
       functools.partial(_dkdv_kernel, cfg=cfg, has_segments=has_segments),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      grid=(batch, kv_heads, k_len // cfg.block_k), in_specs=in_specs,
+      grid=(batch, kv_heads, k_len // cfg.block_k), in_specs=in_specs + specs,
       out_specs=[k_block, k_block], interpret=cfg.interpret,
-      name='flash_attention_dkdv')(q, k, v, d_out, lse, delta, *seg_args)
+      name='flash_attention_dkdv')(q, k, v, d_out, lse, delta, *seg_args, *option_args)
 
   # dq: grid over (batch, query head, query block), like the forward.
   q_block = pl.BlockSpec((None, cfg.block_q, None, depth), lambda b, h, i: (b, i, h, 0))
@@ -146,9 +181,18 @@ def flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, cfg: Config):
   if has_segments:
     in_specs += [pl.BlockSpec((None, cfg.block_q), lambda b, h, i: (b, i)),
                  pl.BlockSpec((None, k_len), lambda b, h, i: (b, 0))]
-  dq = pl.pallas_call(
+  specs, option_args = option_specs(cfg, table, sparse, lambda b, h, i: h)
+  num_q_blocks = q_len // cfg.block_q
+  out_shape, out_specs = [jax.ShapeDtypeStruct(q.shape, q.dtype)], [q_block]
+  if cfg.has_bias:  # per-(batch, head, query block) partial sums of d(table)
+    out_shape.append(jax.ShapeDtypeStruct((batch, heads, num_q_blocks, cfg.bias_buckets),
+                                          jnp.float32))
+    out_specs.append(pl.BlockSpec((None, None, None, cfg.bias_buckets),
+                                  lambda b, h, i: (b, h, i, 0)))
+  dq, *dtable = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg, has_segments=has_segments),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(batch, heads, q_len // cfg.block_q), in_specs=in_specs, out_specs=q_block,
-      interpret=cfg.interpret, name='flash_attention_dq')(q, k, v, d_out, lse, delta, *seg_args)
-  return dq, dk, dv
+      out_shape=out_shape, grid=(batch, heads, num_q_blocks), in_specs=in_specs + specs,
+      out_specs=out_specs, interpret=cfg.interpret,
+      name='flash_attention_dq')(q, k, v, d_out, lse, delta, *seg_args, *option_args)
+  dtable = jnp.sum(dtable[0], axis=(0, 2)).astype(table.dtype) if cfg.has_bias else None
+  return dq, dk, dv, dtable

@@ -4,6 +4,10 @@ One program per (batch, query head, query block): it keeps the query block resid
 key/value blocks of its KV head (h // group, so grouped KV heads are never repeated) and keeps an
 online softmax in float32. It writes the output and the per-row logsumexp for the backward.
 Arrays arrive padded to whole blocks; `Config.q_len` / `k_len` are the true lengths.
+
+Options shared with the backward kernels: a T5 relative-position bias rebuilt per block from the
+query head's [buckets] table row (never an [L, L] array), and a block-sparse mask
+[num_q_blocks, num_k_blocks] whose False blocks are skipped (neither loaded nor computed).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import jax
 from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
+
+from efficientlm.layers.position import relative_position_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +34,15 @@ class Config:
   block_q: int
   block_k: int
   interpret: bool
+  # T5 relative-position bias (bias_buckets = 0: none); the table is a kernel input.
+  bias_buckets: int = 0
+  bias_max_distance: int = 128
+  bias_bidirectional: bool = True
+  block_sparse: bool = False  # a [num_q_blocks, num_k_blocks] int32 mask is a kernel input
+
+  @property
+  def has_bias(self) -> bool:
+    return self.bias_buckets > 0
 
   @property
   def offset(self) -> int:
@@ -55,6 +70,50 @@ def block_mask(cfg: Config, q_start, k_start, q_seg, kv_seg, block_q: int, block
   return functools.reduce(jnp.logical_and, conds)
 
 
+def block_buckets(cfg: Config, q_start, k_start, block_q: int, block_k: int):
+  """Int32 [block_q, block_k] T5 buckets of key_pos - query_pos (positions as in the mask)."""
+  rows = q_start + cfg.offset + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+  cols = k_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+  return relative_position_bucket(cols - rows, cfg.bias_bidirectional, cfg.bias_buckets,
+                                  cfg.bias_max_distance)
+
+
+def block_scores(cfg: Config, q, k, q_start, k_start, table_ref, head=None):
+  """Float32 logits [block_q, block_k]: scale q k^T plus the relative bias if any.
+
+  table_ref is the query head's table row [buckets], or rows [group, buckets] with head set.
+
+  The bias is looked up with one select per bucket (scalar loads of the head's table row)
+  rather than a vector gather, which the Triton lowering lacks: ~buckets selects per entry.
+  """
+  s = matmul_nt(q, k) * cfg.scale
+  if table_ref is None:
+    return s
+  buckets = block_buckets(cfg, q_start, k_start, *s.shape)
+
+  def add_bucket(n, bias):
+    value = table_ref[n] if head is None else table_ref[head, n]
+    return jnp.where(buckets == n, value.astype(jnp.float32), bias)
+
+  return s + lax.fori_loop(0, cfg.bias_buckets, add_bucket, jnp.zeros_like(s))
+
+
+def unpack_options(refs, cfg: Config, has_segments: bool):
+  """Split a kernel's trailing refs into (q_seg, kv_seg, table, sparse, outputs...) refs."""
+  refs = list(refs)
+  q_seg_ref, kv_seg_ref = (refs.pop(0), refs.pop(0)) if has_segments else (None, None)
+  table_ref = refs.pop(0) if cfg.has_bias else None
+  sparse_ref = refs.pop(0) if cfg.block_sparse else None
+  return (q_seg_ref, kv_seg_ref, table_ref, sparse_ref, *refs)
+
+
+def when_block_active(sparse_ref, i, j, fn, carry):
+  """fn(carry) if block (i, j) is on in the block-sparse mask (or there is none), else carry."""
+  if sparse_ref is None:
+    return fn(carry)
+  return lax.cond(sparse_ref[i, j] != 0, fn, lambda c: c, carry)
+
+
 def k_block_range(cfg: Config, q_start, num_k_blocks: int):
   """[lo, hi) of key blocks that a query block starting at q_start can see."""
   lo, hi = 0, num_k_blocks
@@ -76,22 +135,21 @@ def matmul_nt(a, b):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, cfg: Config, has_segments: bool):
-  if has_segments:
-    q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
-  else:
-    o_ref, lse_ref = refs
+  q_seg_ref, kv_seg_ref, table_ref, sparse_ref, o_ref, lse_ref = unpack_options(
+      refs, cfg, has_segments)
   block_q, block_k = cfg.block_q, cfg.block_k
-  q_start = pl.program_id(2) * block_q
+  qi = pl.program_id(2)  # read here: interpret mode cannot lower program_id inside loops
+  q_start = qi * block_q
   q = q_ref[...]
   q_seg = q_seg_ref[...] if has_segments else None
   num_k_blocks = k_ref.shape[0] // block_k
 
-  def body(j, carry):
+  def block(j, carry):
     acc, m, l = carry
     k_start = j * block_k
     k = k_ref[pl.ds(k_start, block_k), :]
     v = v_ref[pl.ds(k_start, block_k), :]
-    s = matmul_nt(q, k) * cfg.scale
+    s = block_scores(cfg, q, k, q_start, k_start, table_ref)
     kv_seg = kv_seg_ref[pl.ds(k_start, block_k)] if has_segments else None
     mask = block_mask(cfg, q_start, k_start, q_seg, kv_seg, block_q, block_k)
     if mask is not None:
@@ -106,6 +164,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, cfg: Config, has_segments: bool)
                          preferred_element_type=jnp.float32)
     return acc * alpha[:, None] + pv, m_new, l
 
+  def body(j, carry):
+    return when_block_active(sparse_ref, qi, j, functools.partial(block, j), carry)
+
   acc = jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32)
   m = jnp.full((block_q,), -jnp.inf, jnp.float32)
   l = jnp.zeros((block_q,), jnp.float32)
@@ -117,8 +178,26 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, cfg: Config, has_segments: bool)
   lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(l_safe))
 
 
-def flash_forward(q, k, v, q_seg, kv_seg, cfg: Config):
-  """Padded q [b, lq, heads, d], k/v [b, lk, kv_heads, d] -> (out, lse [b, heads, lq] f32)."""
+def option_specs(cfg: Config, table, sparse, head_of, table_rows=None):
+  """BlockSpecs and args of the bias table rows and the block-sparse mask (whole, it is tiny).
+
+  A program reads table_rows rows (None: one, squeezed) from block head_of(*grid indices).
+  """
+  specs, args = [], []
+  if cfg.has_bias:
+    specs.append(pl.BlockSpec((table_rows, table.shape[1]), lambda *idx: (head_of(*idx), 0)))
+    args.append(table)
+  if cfg.block_sparse:
+    specs.append(pl.BlockSpec(sparse.shape, lambda *idx: (0, 0)))
+    args.append(sparse)
+  return specs, args
+
+
+def flash_forward(q, k, v, q_seg, kv_seg, table, sparse, cfg: Config):
+  """Padded q [b, lq, heads, d], k/v [b, lk, kv_heads, d] -> (out, lse [b, heads, lq] f32).
+
+  table: [heads, buckets] relative-bias table or None; sparse: int32 block mask or None.
+  """
   batch, q_len, heads, depth = q.shape
   k_len, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
@@ -132,6 +211,8 @@ def flash_forward(q, k, v, q_seg, kv_seg, cfg: Config):
     in_specs += [pl.BlockSpec((None, cfg.block_q), lambda b, h, i: (b, i)),
                  pl.BlockSpec((None, k_len), lambda b, h, i: (b, 0))]
     args += [q_seg, kv_seg]
+  specs, extra = option_specs(cfg, table, sparse, lambda b, h, i: h)
+  in_specs, args = in_specs + specs, args + extra
   out_specs = [q_spec, pl.BlockSpec((None, None, cfg.block_q), lambda b, h, i: (b, h, i))]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)]

@@ -11,12 +11,16 @@ Masking semantics shared with the kernels:
   padding attends to padding; the caller drops those rows.
 - a row that sees no key at all outputs 0 (not the uniform average that an additive finite mask
   gives) and has zero gradients.
+- relative-position bias (T5): query i sits at position i + (k_len - q_len) as for causal, key j
+  at j; the bias of (i, j) is table[h, bucket(j - position(i))].
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from efficientlm.layers.position import relative_position_bucket
 
 
 def attention_mask(q_len: int,
@@ -52,6 +56,15 @@ def attention_mask(q_len: int,
   return mask
 
 
+def relative_bias(table: jax.Array, q_len: int, k_len: int, *, num_buckets: int,
+                  max_distance: int, bidirectional: bool) -> jax.Array:
+  """Materialized float32 T5 bias [1, heads, q_len, k_len] from the table [heads, buckets]."""
+  q_pos = jnp.arange(q_len)[:, None] + (k_len - q_len)
+  buckets = relative_position_bucket(jnp.arange(k_len)[None, :] - q_pos, bidirectional,
+                                     num_buckets, max_distance)
+  return jnp.take(table.astype(jnp.float32), buckets, axis=1)[None]
+
+
 def flash_attention_reference(q: jax.Array,
                               k: jax.Array,
                               v: jax.Array,
@@ -60,15 +73,25 @@ def flash_attention_reference(q: jax.Array,
                               q_segment_ids: jax.Array | None = None,
                               kv_segment_ids: jax.Array | None = None,
                               scale: float = 1.0,
-                              window: int | None = None) -> jax.Array:
-  """q [b, lq, heads, d]; k, v [b, lk, kv_heads, d]; returns [b, lq, heads, d] in q.dtype."""
+                              window: int | None = None,
+                              bias: jax.Array | None = None,
+                              mask: jax.Array | None = None) -> jax.Array:
+  """q [b, lq, heads, d]; k, v [b, lk, kv_heads, d]; returns [b, lq, heads, d] in q.dtype.
+
+  bias: additive float [b|1, heads, lq, lk]; mask: extra bool [b|1, lq, lk] (True = read),
+  combined with the causal / window / segment masks.
+  """
   b, q_len, heads, depth = q.shape
   k_len, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
   grouped_q = q.reshape(b, q_len, kv_heads, group, depth).astype(jnp.float32)
   logits = jnp.einsum('bqhgd,bkhd->bhgqk', grouped_q, k.astype(jnp.float32)) * scale
-  mask = attention_mask(q_len, k_len, causal=causal, q_segment_ids=q_segment_ids,
-                        kv_segment_ids=kv_segment_ids, window=window)
+  if bias is not None:  # query head h = kv_head * group + g, as in grouped_q
+    logits = logits + bias.astype(jnp.float32).reshape(-1, kv_heads, group, q_len, k_len)
+  structural = attention_mask(q_len, k_len, causal=causal, q_segment_ids=q_segment_ids,
+                              kv_segment_ids=kv_segment_ids, window=window)
+  if structural is not None:
+    mask = structural if mask is None else jnp.logical_and(structural, mask)
   if mask is not None:
     mask = mask[:, None, None]  # [b|1, 1, 1, q, k]
     logits = jnp.where(mask, logits, -jnp.inf)
