@@ -126,7 +126,7 @@ def jax_pallas_info(backend: str) -> dict:
 
 
 def make_attention_fn(impl: str, *, causal: bool, scale: float, group: int, backend: str,
-                      block_q: int, block_k: int):
+                      block_q: int | None, block_k: int | None):
   """(fn(q, k, v) -> out, layout) for an implementation, or raises ValueError if unsupported.
 
   layout 'bshd': q [b, s, heads, d], k/v [b, s, kv_heads, d]; 'bhsd' for the TPU kernel.
@@ -179,7 +179,7 @@ def attention_flops(b, heads, seq, d, causal) -> float:
 
 
 def measure_attention(point: dict, impls, *, repeats: int, backward: bool, backend: str,
-                      block_q: int, block_k: int, dtype) -> dict:
+                      block_q: int | None, block_k: int | None, dtype) -> dict:
   b, seq, heads, kv_heads, d = (point[n] for n in ('batch', 'seq', 'heads', 'kv_heads',
                                                    'head_dim'))
   causal = point['causal']
@@ -305,8 +305,9 @@ def parse_args(argv=None):
   parser.add_argument('--gqa-group', type=int, default=None,
                       help='query heads per KV head for GQA (default 8)')
   parser.add_argument('--causal', choices=('both', 'yes', 'no'), default='both')
-  parser.add_argument('--block-q', type=int, default=64, help="ours' block_q")
-  parser.add_argument('--block-k', type=int, default=64, help="ours' block_k")
+  parser.add_argument('--block-q', type=int, default=None,
+                      help="ours' block_q (default: the kernel target's, 64 Triton, 128 Mosaic)")
+  parser.add_argument('--block-k', type=int, default=None, help="ours' block_k (as --block-q)")
   parser.add_argument('--decode-batch', type=int, default=None, help='default 64')
   parser.add_argument('--decode-context', type=int, nargs='+', default=None,
                       help='default 1k 2k 4k 8k 16k 32k')

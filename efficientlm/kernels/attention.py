@@ -2,13 +2,15 @@
 
 Implementations:
 - 'xla': `layers.attention.dot_product_attention`, dense mask and bias; applies anything.
-- 'pallas': the flash kernels (`kernels.flash_attention`; interpret mode off GPU). They take the
-  mask's *structure* (causal, segment ids), never a dense [q, k] array; the bias only as a T5
-  `RelativeBias` table (rebuilt per block); no attention dropout.
+- 'pallas': the flash kernels (`kernels.flash_attention`: Triton on GPU, Mosaic on TPU,
+  interpret mode elsewhere). They take the mask's *structure* (causal, segment ids), never a
+  dense [q, k] array; the bias only as a T5 `RelativeBias` table (rebuilt per block); no
+  attention dropout.
 - 'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')`: GPU, float16/bfloat16,
   head_dim a multiple of 8 up to 128; mask and bias applied densely; no dropout.
 - 'auto': the fastest correct one for the backend: on GPU 'pallas' where it applies, else 'xla';
-  on CPU and TPU 'xla' (there is no TPU Mosaic flash kernel yet).
+  on CPU and TPU 'xla' (the Mosaic kernel has passed TPU interpret mode and Mosaic lowering but
+  has never run on a TPU, so it is not the default there).
 An explicit choice that cannot apply the inputs raises a ValueError saying why; nothing falls back
 silently except 'auto'.
 

@@ -21,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from efficientlm.kernels.reference import decode_attention_reference
 from efficientlm.layers.attention import MASK_VALUE
@@ -177,6 +178,9 @@ def _decode_pallas(q, k_cache, v_cache, lengths, *, scale, block_k, num_splits, 
           jax.ShapeDtypeStruct(partial_shape, jnp.float32),
       ],
       interpret=interpret,
+      # Without these, jax >= 0.7 lowers pallas_call to Mosaic GPU, which this kernel is not
+      # written for; 4 warps fit the [rows <= 16, block_k] tiles.
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
       name='decode_attention',
   )(lengths.astype(jnp.int32), gq, k_cache, v_cache)
   out = _combine_splits(out, m, l)[:, :, :group]

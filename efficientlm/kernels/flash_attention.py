@@ -10,12 +10,13 @@ Options: a T5 relative-position bias (`RelativeBias`) that the kernels rebuild p
 the [heads, buckets] table, with its gradient; a block-sparse mask (`block_sparse`, e.g.
 BigBird) whose False blocks the kernels skip.
 
-TODO (not implemented, do not pass them through other arguments):
-- attention dropout; 'cudnn' implementation; per-example position offsets
-  for the relative bias;
-- TPU Mosaic kernel (on TPU 'auto' picks 'xla'; 'pallas' runs in interpret mode);
-- fast paths: unmasked inner loop for blocks fully below the diagonal, autotuned block sizes
-  and num_warps / num_stages for Triton.
+Kernels: `target='triton'` (GPU; `flash_attention_fwd` / `_bwd`) and `target='mosaic'` (TPU;
+`flash_attention_tpu_fwd` / `_bwd`). Off their device they run in Pallas interpret mode (TPU
+interpret mode for mosaic); the tests also lower both for their real platform on CPU.
+
+Not implemented (do not pass them through other arguments): attention dropout; per-example
+position offsets for the relative bias; an unmasked fast path for blocks wholly inside the mask;
+autotuned tiles and Triton warps/stages.
 """
 
 from __future__ import annotations
@@ -28,11 +29,17 @@ import jax.numpy as jnp
 
 from efficientlm.kernels.flash_attention_bwd import flash_backward
 from efficientlm.kernels.flash_attention_fwd import Config, flash_forward
+from efficientlm.kernels.flash_attention_tpu_bwd import flash_backward_tpu
+from efficientlm.kernels.flash_attention_tpu_fwd import flash_forward_tpu
 from efficientlm.kernels import block_sparse
 from efficientlm.kernels import flash_reference
 from efficientlm.kernels.flash_reference import flash_attention_reference
 
 IMPLEMENTATIONS = ('auto', 'xla', 'pallas')
+TARGETS = ('triton', 'mosaic')  # the GPU and the TPU kernels
+# Default tiles: 64x64 suits Triton's shared memory; Mosaic wants the key block (the lanes of
+# the logits tile) a multiple of 128, and larger tiles amortize its per-grid-step overhead.
+DEFAULT_BLOCKS = {'triton': (64, 64), 'mosaic': (128, 128)}
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=['table'],
@@ -51,20 +58,27 @@ class RelativeBias:
   bidirectional: bool = True
 
 
+def _kernels(cfg: Config):
+  """(forward, backward) kernel launchers of cfg.target; both take the same padded arrays."""
+  if cfg.target == 'mosaic':
+    return flash_forward_tpu, flash_backward_tpu
+  return flash_forward, flash_backward
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _flash(q, k, v, q_seg, kv_seg, table, sparse, cfg: Config):
-  return flash_forward(q, k, v, q_seg, kv_seg, table, sparse, cfg)[0]
+  return _kernels(cfg)[0](q, k, v, q_seg, kv_seg, table, sparse, cfg)[0]
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, table, sparse, cfg):
-  out, lse = flash_forward(q, k, v, q_seg, kv_seg, table, sparse, cfg)
+  out, lse = _kernels(cfg)[0](q, k, v, q_seg, kv_seg, table, sparse, cfg)
   return out, (q, k, v, q_seg, kv_seg, table, sparse, out, lse)
 
 
 def _flash_bwd(cfg, residuals, d_out):
   q, k, v, q_seg, kv_seg, table, sparse, out, lse = residuals
-  dq, dk, dv, dtable = flash_backward(q, k, v, q_seg, kv_seg, table, sparse, out, lse, d_out,
-                                      cfg)
+  dq, dk, dv, dtable = _kernels(cfg)[1](q, k, v, q_seg, kv_seg, table, sparse, out, lse, d_out,
+                                        cfg)
   return dq, dk, dv, None, None, dtable, None  # segment ids and block masks are integers
 
 
@@ -130,8 +144,10 @@ def flash_attention(q: jax.Array,
                     scale: float | None = None,
                     window: int | None = None,
                     implementation: str = 'auto',
-                    block_q: int = 64,
-                    block_k: int = 64,
+                    block_q: int | None = None,
+                    block_k: int | None = None,
+                    target: str | None = None,
+                    interpret: bool | None = None,
                     relative_bias: RelativeBias | None = None,
                     block_mask: jax.Array | None = None) -> jax.Array:
   """Softmax(scale q k^T + bias + mask) v; returns [b, q_len, heads, d] in q.dtype.
@@ -144,7 +160,14 @@ def flash_attention(q: jax.Array,
     causal, j < p + window).
   implementation: 'xla' (the jnp reference), 'pallas' (the kernels; interpret mode off GPU),
     'auto' (pallas on GPU, xla elsewhere).
-  block_q, block_k: tile sizes, powers of 2 >= 16; clipped to the (padded) lengths.
+  block_q, block_k: tile sizes, powers of 2 >= 16 (None: `DEFAULT_BLOCKS` of the target);
+    clipped to the (padded) lengths. Mosaic needs block_k >= 128 unless one block covers k.
+  target: which Pallas kernels 'pallas' runs: 'triton' (GPU) or 'mosaic' (TPU); None picks
+    mosaic on TPU and triton elsewhere. Off its device a kernel runs in interpret mode (TPU
+    interpret mode for mosaic), which is how the CPU tests check both.
+  interpret: None runs the kernels compiled on their device and interpreted elsewhere; False
+    forces the compiled form, e.g. to lower for another platform with
+    `jax.jit(f).trace(...).lower(lowering_platforms=('cuda',))` on a CPU machine.
   relative_bias: T5 bias added to the (scaled) logits, computed per block in the kernels; the
     table gets a gradient. See `RelativeBias` for the positions.
   block_mask: bool [ceil(q_len / block_q), ceil(k_len / block_k)], built with the block_q and
@@ -156,13 +179,19 @@ def flash_attention(q: jax.Array,
     q_seg, kv_seg = segment_ids
   else:
     q_seg = kv_seg = segment_ids
+  backend = jax.default_backend()
+  if target is None:
+    target = 'mosaic' if backend == 'tpu' else 'triton'
+  if target not in TARGETS:
+    raise ValueError(f'flash_attention target={target!r}; choose from {TARGETS}.')
+  block_q = DEFAULT_BLOCKS[target][0] if block_q is None else block_q
+  block_k = DEFAULT_BLOCKS[target][1] if block_k is None else block_k
   _check(q, k, v, q_seg, kv_seg, block_q, block_k, window, implementation)
   if relative_bias is not None:
     _check_bias(relative_bias, q.shape[2])
   if block_mask is not None:
     block_sparse.check_block_mask(block_mask, q.shape[1], k.shape[1], block_q, block_k)
   scale = 1.0 if scale is None else float(scale)
-  backend = jax.default_backend()
   if implementation == 'auto':
     implementation = 'pallas' if backend == 'gpu' else 'xla'
   _, q_len, _, depth = q.shape
@@ -181,8 +210,13 @@ def flash_attention(q: jax.Array,
   # Clipping keeps the block mask valid: a clipped size covers its length in one block.
   block_q = min(block_q, _next_power_of_2(max(q_len, 16)))
   block_k = min(block_k, _next_power_of_2(max(k_len, 16)))
+  if target == 'mosaic' and block_k % 128 and block_k < k_len:
+    raise ValueError(f'block_k={block_k}: the Mosaic kernel tiles the logits with the key block '
+                     f'on the 128 lanes; use a multiple of 128 (or one block >= k_len={k_len}).')
+  if interpret is None:
+    interpret = backend != ('tpu' if target == 'mosaic' else 'gpu')
   cfg = Config(scale=scale, causal=causal, window=window, q_len=q_len, k_len=k_len,
-               block_q=block_q, block_k=block_k, interpret=backend != 'gpu',
+               block_q=block_q, block_k=block_k, interpret=interpret, target=target,
                bias_buckets=0 if rb is None else rb.num_buckets,
                bias_max_distance=128 if rb is None else rb.max_distance,
                bias_bidirectional=True if rb is None else rb.bidirectional,

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from efficientlm.kernels.flash_attention_fwd import (Config, block_buckets, block_mask,
                                                      block_scores, k_block_range, matmul_nt,
-                                                     option_specs, unpack_options,
+                                                     option_specs, triton_params,
+                                                     unpack_options,
                                                      when_block_active)
 
 
@@ -170,7 +171,7 @@ def flash_backward(q, k, v, q_seg, kv_seg, table, sparse, out, lse, d_out, cfg: 
       functools.partial(_dkdv_kernel, cfg=cfg, has_segments=has_segments),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       grid=(batch, kv_heads, k_len // cfg.block_k), in_specs=in_specs + specs,
-      out_specs=[k_block, k_block], interpret=cfg.interpret,
+      out_specs=[k_block, k_block], interpret=cfg.interpret, compiler_params=triton_params(cfg),
       name='flash_attention_dkdv')(q, k, v, d_out, lse, delta, *seg_args, *option_args)
 
   # dq: grid over (batch, query head, query block), like the forward.
@@ -192,7 +193,7 @@ def flash_backward(q, k, v, q_seg, kv_seg, table, sparse, out, lse, d_out, cfg: 
   dq, *dtable = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg, has_segments=has_segments),
       out_shape=out_shape, grid=(batch, heads, num_q_blocks), in_specs=in_specs + specs,
-      out_specs=out_specs, interpret=cfg.interpret,
+      out_specs=out_specs, interpret=cfg.interpret, compiler_params=triton_params(cfg),
       name='flash_attention_dq')(q, k, v, d_out, lse, delta, *seg_args, *option_args)
   dtable = jnp.sum(dtable[0], axis=(0, 2)).astype(table.dtype) if cfg.has_bias else None
   return dq, dk, dv, dtable

@@ -18,6 +18,7 @@ import functools
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 
 from efficientlm.layers.position import relative_position_bucket
@@ -33,7 +34,8 @@ class Config:
   k_len: int
   block_q: int
   block_k: int
-  interpret: bool
+  interpret: bool  # True off the target device: Pallas interpret mode
+  target: str = 'triton'  # 'triton' (GPU kernels here) or 'mosaic' (`flash_attention_tpu_*`)
   # T5 relative-position bias (bias_buckets = 0: none); the table is a kernel input.
   bias_buckets: int = 0
   bias_max_distance: int = 128
@@ -129,6 +131,16 @@ def k_block_range(cfg: Config, q_start, num_k_blocks: int):
   return lo, hi
 
 
+def triton_params(cfg: Config):
+  """Triton launch settings. jax >= 0.7 lowers pallas_call to Mosaic GPU unless these are given.
+
+  4 warps suit 64x64 tiles (FlashAttention-2's forward default on A100/H100); the 128-wide
+  tiles of longer sequences want 8.
+  """
+  warps = 8 if cfg.block_q * cfg.block_k >= 128 * 128 else 4
+  return pltriton.CompilerParams(num_warps=warps, num_stages=2)
+
+
 def matmul_nt(a, b):
   """a [m, d] @ b[n, d]^T in float32."""
   return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -219,4 +231,4 @@ def flash_forward(q, k, v, q_seg, kv_seg, table, sparse, cfg: Config):
   kernel = functools.partial(_forward_kernel, cfg=cfg, has_segments=has_segments)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
                         out_specs=out_specs, interpret=cfg.interpret,
-                        name='flash_attention_fwd')(*args)
+                        compiler_params=triton_params(cfg), name='flash_attention_fwd')(*args)
