@@ -8,6 +8,7 @@ heads are never repeated in memory (Shazeer 2019; Ainslie et al. 2023).
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -20,6 +21,54 @@ from efficientlm.layers.position import apply_rotary
 
 # Additive mask value, T5X's; large but finite so fully masked rows (padding) stay NaN-free.
 MASK_VALUE = -1e10
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+  """Which keys each query reads, in the two forms attention implementations take.
+
+  `dense` bool [b|1, 1, q, k] is what the 'xla' implementation applies (exactly the models'
+  masks). The structure is what the flash kernels take: `causal` (static) and `q_segment_ids`
+  [b, q] / `kv_segment_ids` [b, k] with padding folded in (`padding_segment_ids`); on valid
+  rows it allows exactly what `dense` does. `kv_lengths` [b] (decoding steps): the query reads
+  cache slots 0..length-1, the form of the decode kernel.
+  """
+
+  dense: jax.Array | None
+  q_segment_ids: jax.Array | None = None
+  kv_segment_ids: jax.Array | None = None
+  kv_lengths: jax.Array | None = None
+  causal: bool = False
+
+
+jax.tree_util.register_dataclass(
+    AttentionMask, data_fields=['dense', 'q_segment_ids', 'kv_segment_ids', 'kv_lengths'],
+    meta_fields=['causal'])
+
+
+def padding_segment_ids(valid: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  """Segment ids [b, len] that also encode padding: 0 where not `valid`, else segment id + 1.
+
+  Equal ids <=> both padding, or both valid in the same segment: on valid rows exactly
+  valid x valid AND same segment (padding rows read padding; their outputs are ignored).
+  """
+  ids = jnp.ones(valid.shape, jnp.int32) if segment_ids is None else segment_ids + 1
+  return jnp.where(valid, ids, 0).astype(jnp.int32)
+
+
+def segment_ids_from_block_mask(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(q_ids [b, q], kv_ids [b, k]) equal exactly where `mask` [b, 1, q, k] is True.
+
+  Exact for masks that are disjoint unions of blocks Q_s x K_s, i.e. padding AND packing masks
+  (cross-attention's): a key's id is the first query reading it, a query's id that of the first
+  key it reads. Keys no query reads get -1 and queries that read no key -2, so those never
+  match (such queries are padding or have an empty encoder input; see kernels.attention).
+  """
+  m = mask[:, 0]
+  kv_ids = jnp.where(m.any(axis=1), jnp.argmax(m, axis=1), -1)
+  first_key = jnp.argmax(m, axis=2)
+  q_ids = jnp.where(m.any(axis=2), jnp.take_along_axis(kv_ids, first_key, axis=1), -2)
+  return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
 
 
 def dot_product_attention(query: jax.Array,
@@ -78,6 +127,9 @@ class MultiHeadAttention(nn.Module):
   one token per sequence at slot q_positions[:, 0] and attends over the whole cache (the caller's
   mask hides unwritten slots). Cross-attention (`cross_attention`) stores the projected encoder
   output at 'init'/'prefill' and reads it back at 'step', where `inputs_kv` may be None.
+
+  `attention_implementation` (see kernels.attention): with an AttentionMask, the kernels get its
+  structure; a 'step' whose mask carries `kv_lengths` runs the decode kernel under 'pallas'.
   """
 
   num_heads: int
@@ -91,6 +143,9 @@ class MultiHeadAttention(nn.Module):
   rotary_max_wavelength: float = 10_000.0
   float32_logits: bool = True
   decode: str | None = None  # None (full sequences), 'init', 'prefill' or 'step'
+  # kernels.attention's implementation: 'xla', 'pallas', 'cudnn' or 'auto'. The kernels need the
+  # mask's structure: pass an AttentionMask (a plain dense mask reaches only 'xla'/'cudnn').
+  attention_implementation: str = 'xla'
   cross_attention: bool = False
   kernel_init: Callable[..., jax.Array] = initializers.attention_kernel_init
   dtype: jnp.dtype = jnp.float32
@@ -145,14 +200,36 @@ class MultiHeadAttention(nn.Module):
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
-    out = dot_product_attention(query, key, value, mask=mask, bias=bias,
-                                dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
-                                float32_logits=self.float32_logits)
+    out = self._attend(query, key, value, mask, bias, dropout_rng)
     out = partitioning.constrain(out, ('batch', 'length', 'heads', 'kv'))
     out = DenseGeneral(inputs_q.shape[-1], ('joined_kv', 'embed'), axis=(-2, -1),
                        kernel_init=self.kernel_init, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='out')(out)
     return partitioning.constrain(out, ('batch', 'length', 'embed'))
+
+  def _attend(self, query, key, value, mask, bias, dropout_rng):
+    """Attention through the kernel dispatcher; 'xla' gets the dense mask exactly as given."""
+    # Imported here: the kernels import this module (dot_product_attention, MASK_VALUE).
+    from efficientlm.kernels import attention as kernels, decode_attention  # noqa: I001
+    impl = self.attention_implementation
+    structured = isinstance(mask, AttentionMask)
+    dense = mask.dense if structured else mask
+    common = dict(bias=bias, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
+                  float32_logits=self.float32_logits)
+    if impl == 'xla' or not structured:  # no structure: only a dense mask to apply
+      return kernels.attention(query, key, value, implementation=impl, mask=dense, **common)
+    if mask.kv_lengths is not None:  # a decoding step: one query over the cache's valid slots
+      step_impl = kernels.select_implementation(impl, query, bias=bias,
+                                                dropout=dropout_rng is not None)
+      if step_impl == 'pallas':
+        return decode_attention.decode_attention(query[:, 0], key, value, mask.kv_lengths,
+                                                 implementation='pallas')[:, None]
+      return kernels.attention(query, key, value, implementation=step_impl, mask=dense, **common)
+    segment_ids = None
+    if mask.q_segment_ids is not None:
+      segment_ids = (mask.q_segment_ids, mask.kv_segment_ids)
+    return kernels.attention(query, key, value, implementation=impl, causal=mask.causal,
+                             segment_ids=segment_ids, **common)
 
   def _cached_kv(self, project_kv, q_positions):
     """(key, value) to attend to, reading and writing the KV cache as `decode` says."""

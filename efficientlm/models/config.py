@@ -6,6 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from efficientlm.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from efficientlm.layers.moe.config import MoeConfig
 
 POSITION_EMBEDDINGS = ('relative', 'rotary')
@@ -46,6 +47,11 @@ class TransformerConfig:
   # Decoder layers as PaLM's parallel block, x + attention(norm(x)) + mlp(norm(x)) with one norm
   # (Chowdhery et al. 2022): one fewer all-reduce per layer when partitioned. Decoder-only.
   parallel_block: bool = False
+  # kernels.attention: 'xla' (dense masks), 'pallas' (flash / decode kernels), 'cudnn' (GPU) or
+  # 'auto' (pallas on GPU where it applies, else xla). 'pallas' raises where the kernels cannot
+  # apply a case (prefix-LM masks, attention dropout, relative bias at decoding steps or with
+  # explicit positions); 'auto' runs those on xla.
+  attention_implementation: str = 'xla'
 
   def __post_init__(self):
     # gin passes lists; keep the dataclass hashable.
@@ -63,6 +69,9 @@ class TransformerConfig:
         (0.0 <= self.dropout_rate < 1.0, f'dropout_rate {self.dropout_rate} not in [0, 1)'),
         (not self.parallel_block or self.num_encoder_layers == 0,
          'parallel_block is for decoder-only models (num_encoder_layers = 0)'),
+        (self.attention_implementation in ATTENTION_IMPLEMENTATIONS,
+         f'attention_implementation {self.attention_implementation!r} not in '
+         f'{ATTENTION_IMPLEMENTATIONS}'),
     ]
     for name in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim'):
       checks.append((getattr(self, name) > 0, f'{name} must be positive'))

@@ -7,7 +7,10 @@ import jax
 import jax.numpy as jnp
 
 from efficientlm import partitioning
+from efficientlm.kernels.flash_attention import RelativeBias
 from efficientlm.layers import masks
+from efficientlm.layers.attention import (AttentionMask, padding_segment_ids,
+                                          segment_ids_from_block_mask)
 from efficientlm.layers.dense import DenseGeneral, Embed
 from efficientlm.layers.position import RelativePositionBias
 from efficientlm.models.config import TransformerConfig
@@ -26,16 +29,35 @@ def default_positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Arr
 
 
 def position_bias(cfg: TransformerConfig, positions: jax.Array, bidirectional: bool,
-                  key_positions: jax.Array | None = None):
+                  key_positions: jax.Array | None = None, as_table: bool = False):
   """The stack's shared T5 relative position bias (None with rotary embeddings); keys are at
-  `positions` too unless `key_positions` says otherwise (decoding against a cache)."""
+  `positions` too unless `key_positions` says otherwise (decoding against a cache).
+
+  `as_table` (positions 0..len-1 only): for the kernels, the bias as its [heads, buckets]
+  table, which they rebuild per block instead of materializing [heads, len, len].
+  """
   if cfg.position_embedding != 'relative':
     return None
-  return RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
-                              cfg.relative_attention_max_distance, dtype=cfg.activation_dtype,
-                              param_dtype=cfg.weight_dtype, name='relpos_bias')(
-                                  positions, positions if key_positions is None else
-                                  key_positions, bidirectional)
+  module = RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
+                                cfg.relative_attention_max_distance, dtype=cfg.activation_dtype,
+                                param_dtype=cfg.weight_dtype, name='relpos_bias')
+  bias = module(positions, positions if key_positions is None else key_positions, bidirectional)
+  if not as_table or cfg.attention_implementation == 'xla':
+    return bias
+  # The dense bias above is then unused (jit drops it); the call creates the table.
+  table = nn.unbox(module.get_variable('params', 'rel_embedding'))
+  return RelativeBias(table.astype(cfg.activation_dtype), cfg.relative_attention_num_buckets,
+                      cfg.relative_attention_max_distance, bidirectional)
+
+
+def with_structure(cfg: TransformerConfig, dense: jax.Array, valid: jax.Array,
+                   segment_ids: jax.Array | None, causal: bool):
+  """The dense mask for 'xla' (unchanged); for the other implementations an AttentionMask
+  that also carries its structure (causal, padding and packing as segment ids)."""
+  if cfg.attention_implementation == 'xla':
+    return dense
+  ids = padding_segment_ids(valid, segment_ids)
+  return AttentionMask(dense, ids, ids, causal=causal)
 
 
 def embed(cfg: TransformerConfig, embedder: Embed, tokens: jax.Array, deterministic: bool):
@@ -50,13 +72,16 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, tokens, segment_ids=None, positions=None, deterministic=True):
     cfg = self.config
+    # Explicit (packed) positions: the kernels' relative bias has no per-example offsets yet.
+    as_table = positions is None
     positions = default_positions(tokens, positions)
     x = embed(cfg, self.shared_embedding, tokens, deterministic)
     valid = tokens > 0
     mask = masks.combine_masks(
         masks.make_attention_mask(valid, valid),
         None if segment_ids is None else masks.make_segment_mask(segment_ids, segment_ids))
-    bias = position_bias(cfg, positions, bidirectional=True)
+    mask = with_structure(cfg, mask, valid, segment_ids, causal=False)
+    bias = position_bias(cfg, positions, bidirectional=True, as_table=as_table)
     x = stack_layers(EncoderLayer, sparse_pattern(cfg, cfg.num_encoder_layers, 'encoder'), cfg,
                      x, (mask, bias, positions), deterministic=deterministic)
     x = norm(cfg, 'encoder_norm')(x)
@@ -96,17 +121,27 @@ class Decoder(nn.Module):
         raise ValueError("decode='step' needs positions [batch, 1] and cache_length.")
       slots = jnp.arange(cache_length, dtype=jnp.int32)
       mask = (slots[None, None, None, :] <= positions[:, None, :, None])
+      if cfg.attention_implementation != 'xla':  # the decode kernel reads slots 0..position
+        mask = AttentionMask(mask, kv_lengths=positions[:, 0] + 1)
       bias = position_bias(cfg, positions, bidirectional=False, key_positions=slots[None])
     else:
+      as_table = positions is None  # as in the Encoder
       positions = default_positions(decoder_input_tokens, positions)
       # Without targets every position counts as real (no padding mask).
       targets = decoder_target_tokens
       if targets is None:
         targets = jnp.ones_like(decoder_input_tokens)
       mask = masks.make_decoder_mask(targets, segment_ids, causal_attention)
+      if causal_attention is None:  # prefix-LM masks have no kernel structure: xla only
+        mask = with_structure(cfg, mask, targets > 0, segment_ids, causal=True)
       # With prefix-LM masking the bias stays causal-bucketed, as in T5X's decoder-only models.
-      bias = position_bias(cfg, positions, bidirectional=False)
+      bias = position_bias(cfg, positions, bidirectional=False, as_table=as_table)
     args = (mask, bias, positions)
+    if (self.cross_attention and encoder_decoder_mask is not None and
+        cfg.attention_implementation != 'xla'):
+      # Cross-attention masks are padding AND packing blocks: exact as segment ids.
+      encoder_decoder_mask = AttentionMask(encoder_decoder_mask,
+                                           *segment_ids_from_block_mask(encoder_decoder_mask))
     if self.cross_attention:
       args += (encoded, encoder_decoder_mask)
     x = stack_layers(DecoderLayer, sparse_pattern(cfg, cfg.num_decoder_layers, 'decoder'), cfg,

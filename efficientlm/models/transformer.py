@@ -35,6 +35,7 @@ def attention(cfg: TransformerConfig, name: str, self_attention: bool,
       rotary=self_attention and cfg.position_embedding == 'rotary',
       rotary_max_wavelength=cfg.rotary_max_wavelength,
       float32_logits=cfg.float32_attention_logits, decode=decode,
+      attention_implementation=cfg.attention_implementation,
       cross_attention=not self_attention, dtype=cfg.activation_dtype,
       param_dtype=cfg.weight_dtype, name=name)
 
