@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pathlib
 import sys
 
 import gin
 import jax
 
-from efficientlm import distributed, gin_config
+from efficientlm import distributed, gin_config, storage
 
 RUN_MODES = {
     'train': 'efficientlm.training.trainer:train',
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None):
   distributed.initialize(args.distributed, args.coordinator_address, args.num_processes,
                          args.process_id)
   gin_config.parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
-  directory = pathlib.Path(gin_config.macro('MODEL_DIR'))
+  directory = storage.as_path(gin_config.macro('MODEL_DIR'))
   writes = jax.process_index() == 0
   if writes:
     directory.mkdir(parents=True, exist_ok=True)

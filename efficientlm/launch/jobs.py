@@ -91,7 +91,8 @@ def install(job: Job, runner: Runner) -> None:
 
 def start(job: Job, runner: Runner) -> None:
   """Starts the run on all workers at once (no preflight; `run` and `up` do it first)."""
-  main = worker.main_argv(job.gin_files, job.overrides, job.run_mode)
+  hosts = job.slice_type.hosts * job.target.num_slices
+  main = worker.main_argv(job.gin_files, job.overrides, job.run_mode, distributed=hosts > 1)
   runner.run(gcloud.ssh(job.target, worker.start(job.target.name, main)))
 
 

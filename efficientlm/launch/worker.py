@@ -61,12 +61,15 @@ def pid_path(name: str) -> str:
   return f'{LOGS}/{name}.pid'
 
 
-def main_argv(gin_files: Sequence[str], gin_overrides: Sequence[str],
-              run_mode: str = 'train') -> list[str]:
-  """`python -m efficientlm.main` with the gin files and `--gin.NAME=VALUE` overrides."""
+def main_argv(gin_files: Sequence[str], gin_overrides: Sequence[str], run_mode: str = 'train',
+              distributed: bool = False) -> list[str]:
+  """`python -m efficientlm.main` with the gin files and `--gin.NAME=VALUE` overrides;
+  `distributed` (several hosts) makes every worker join one jax.distributed cluster, whose
+  coordinator jax finds itself on TPU VMs."""
   return ([f'{VENV}/bin/python', '-m', 'efficientlm.main'] +
           [f'--gin_file={f}' for f in gin_files] +
-          [f'--gin.{o}' for o in gin_overrides] + [f'--run_mode={run_mode}'])
+          [f'--gin.{o}' for o in gin_overrides] + [f'--run_mode={run_mode}'] +
+          (['--distributed'] if distributed else []))
 
 
 def start(name: str, main: Sequence[str]) -> str:

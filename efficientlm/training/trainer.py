@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import pathlib
 import signal
 import threading
 from collections.abc import Callable
@@ -19,8 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from efficientlm import partitioning
+from efficientlm import partitioning, storage
 from efficientlm.checkpoints.load import load_params
 from efficientlm.checkpoints.restore import RestoreOptions, partitioned_initializer
 from efficientlm.models.model import BaseModel, EncoderDecoderModel
@@ -160,7 +160,7 @@ def train(*,
   """
   if total_steps <= 0:
     raise ValueError(f'total_steps must be positive, got {total_steps}.')
-  model_dir = pathlib.Path(model_dir)
+  model_dir = storage.as_path(model_dir)  # gs:// kept
   writer = metrics_lib.MetricWriter(model_dir / 'train')
   eval_writer = metrics_lib.MetricWriter(model_dir / 'eval')
   log = metrics_lib.log
@@ -300,7 +300,7 @@ def _lengths(batch_spec) -> dict[str, int]:
   return lengths
 
 
-def _profiler(first: int, last: int, directory: pathlib.Path) -> Callable[[int], None]:
+def _profiler(first: int, last: int, directory: epath.Path) -> Callable[[int], None]:
   """Traces steps first..last with jax.profiler into `directory` (view with TensorBoard)."""
 
   def maybe_trace(step):

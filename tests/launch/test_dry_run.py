@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 import io
 import shlex
 import subprocess
 
 import pytest
 
-from efficientlm import partitioning
 from efficientlm.launch import checkout, gcloud, jobs, worker
 from efficientlm.launch.runner import Runner, render
 
@@ -52,7 +50,7 @@ def test_v4_32_up(dry_run):
       f'{tpu_vm} ssh t5-large --zone=us-central2-b --worker=all ' + _start(
           't5-large', '--gin_file=runs/tpu_pretrain_t5_1_1.gin '
           '--gin.MODEL_DIR=\\"gs://my-bucket/t5_1_1_large\\" --gin.TRAIN_STEPS=200000 '
-          '--run_mode=train'),
+          '--run_mode=train --distributed'),
       "# following host 0's log ~/efficientlm-logs/t5-large.log; Ctrl-C stops following, not "
       'the run',
       f"{tpu_vm} ssh t5-large --zone=us-central2-b --worker=0 "
@@ -84,7 +82,8 @@ def test_v5p_128_queued_up(dry_run):
       f'{tpu_vm} ssh switch-base {where} --worker=all {INSTALL}',
       f'{tpu_vm} ssh switch-base {where} --worker=all ' + _start(
           'switch-base', '--gin_file=runs/tpu_pretrain_switch.gin '
-          '--gin.MODEL_DIR=\\"gs://my-bucket/switch_base_128\\" --run_mode=train'),
+          '--gin.MODEL_DIR=\\"gs://my-bucket/switch_base_128\\" --run_mode=train '
+          '--distributed'),
       "# following host 0's log ~/efficientlm-logs/switch-base.log; Ctrl-C stops following, "
       'not the run',
       f"{tpu_vm} ssh switch-base {where} --worker=0 "
@@ -127,8 +126,6 @@ def test_multislice_commands(dry_run):
                       "--worker=0 --command='tail -n +1 -F ~/efficientlm-logs/ms.log'")
 
 
-@pytest.mark.skipif('dcn_mesh_shape' not in inspect.signature(partitioning.Partitioner).parameters,
-                    reason='partitioning.Partitioner has no dcn_mesh_shape yet')
 def test_multislice_run(dry_run):
   status, lines = dry_run(
       'run', '--name=ms', '--zone=us-east5-a', '--queued', '--num-slices=2',
@@ -138,6 +135,17 @@ def test_multislice_run(dry_run):
   assert "mesh {'data': 2, 'expert': 64} on 2 x v5p-128" in lines[0]
   assert lines[1].startswith('gcloud compute tpus queued-resources ssh ms --zone=us-east5-a '
                              '--node=all --worker=all --command=')
+  assert '--run_mode=train --distributed >' in lines[1]
+
+
+def test_single_host_run_is_not_distributed(dry_run):
+  """One host (v4-8: 4 chips) runs one process: no jax.distributed cluster to join."""
+  status, lines = dry_run('run', '--name=small', '--zone=us-central2-b', '--accelerator-type=v4-8',
+                          '--gin_file=runs/tpu_pretrain_t5_1_1.gin', '--model-dir=/tmp/small',
+                          '--gin.BATCH_SIZE=64', '--gin.NUM_MICROBATCHES=1')
+  assert status == 0
+  assert '1 host(s)' in lines[0]
+  assert '--run_mode=train >' in lines[1] and '--distributed' not in lines[1]
 
 
 def test_multislice_needs_queued(dry_run, capsys):

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from efficientlm import partitioning
 from efficientlm.launch import preflight, tpu_slices
 from efficientlm.launch.preflight import MeshConfig, PreflightError
 from efficientlm.launch.runner import Runner
@@ -113,3 +114,14 @@ def test_bad_config_stops_before_any_command(launch_tpu, monkeypatch, capsys, su
   err = capsys.readouterr().err
   assert 'preflight failed, nothing was started' in err
   assert ('data-parallel size 16' in err) or ('needs 8 devices but there are 16' in err)
+
+
+@pytest.mark.parametrize('rules', sorted(partitioning.RULE_PRESETS))
+@pytest.mark.parametrize('shape,axes', [((2, 4), ('data', 'model')), ((2, 2, 2),
+                                        ('data', 'expert', 'model')), ((4, 2), ('fsdp', 'model')),
+                                        ((8,), ('expert',))])
+def test_data_shards_agree_with_the_partitioner(rules, shape, axes):
+  """The preflight's batch split (from gin, no devices) equals the real Partitioner's on the 8
+  emulated devices."""
+  real = partitioning.Partitioner(shape, axes, rules).data_shards()
+  assert preflight.data_shards(dict(zip(axes, shape)), rules) == real

@@ -93,3 +93,22 @@ def test_sigterm_stops_every_process_at_one_step_and_the_relaunch_resumes(
   assert f'step {stopped + 1}:' in outputs[0] and f'step {stopped}:' not in outputs[0]
   # A lost or repeated batch would change the parameters.
   _assert_same_params(tmp_path, single_process)
+
+
+def test_hard_kill_of_both_resumes_from_the_last_checkpoint(tmp_path, single_process):
+  """SIGKILL (no chance to save) after step 11: the relaunch restarts from the last checkpoint
+  written every 10 steps, replays the batches after it from the saved data position, and ends
+  where an uninterrupted run does."""
+  procs = _launch(tmp_path, STEPS, 0.3)
+  for line in procs[0].stdout:
+    if line.startswith('step 11:'):
+      break
+  for p in procs:
+    p.kill()
+    p.communicate(timeout=60)
+  saved = checkpoints.Checkpointer(tmp_path / 'checkpoints').steps()
+  assert saved and saved[-1] < STEPS, saved  # killed before the final save
+  outputs = _finish(_launch(tmp_path, STEPS))
+  assert f'checkpoints/{saved[-1]}' in outputs[0]  # "resumed from .../checkpoints/N"
+  assert f'step {saved[-1] + 1}:' in outputs[0] and f'step {saved[-1]}:' not in outputs[0]
+  _assert_same_params(tmp_path, single_process)
