@@ -37,6 +37,7 @@ setuptools.setup(
         # Only tests/checkpoints/test_hf_transformers.py imports these (and skips without them).
         'hf': ['transformers', 'torch'],
         'gpu': ['jax[cuda13]'],
-        'tpu': ['jax[tpu]'],
+        # google-cloud-storage: tensorboardX writes gs:// event files through it.
+        'tpu': ['jax[tpu]', 'google-cloud-storage'],
     },
 )

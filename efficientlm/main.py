@@ -10,6 +10,9 @@ upcycle -> efficientlm.checkpoints.upcycle.upcycle (a dense checkpoint -> MODEL_
 checkpoint; then --run_mode=train continues it), infer -> efficientlm.inference.infer.infer
 (prompts in, MODEL_DIR/predictions.jsonl out), sweep -> efficientlm.inference.sweep.sweep
 (inference layout sweeps: MODEL_DIR/sweep.csv, sweep.json, best_layouts.csv, plots/).
+Multi-host: --distributed on every host of a TPU slice (see efficientlm.distributed), or an
+explicit --coordinator_address/--num_processes/--process_id; each process reads its own data
+shard, process 0 writes logs and metrics, all processes write their checkpoint shards.
 The parsed config is written to MODEL_DIR/config.gin and, once the run has built everything,
 the operative config (the values actually used) to MODEL_DIR/operative_config.gin.
 """
@@ -18,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pathlib
 import sys
 
 import gin
 import jax
 
-from efficientlm import gin_config
+from efficientlm import distributed, gin_config, storage
 
 RUN_MODES = {
     'train': 'efficientlm.training.trainer:train',
@@ -45,6 +47,12 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   parser.add_argument('--gin_search_paths', action='append', default=[],
                       help='comma-separated directories to search for gin files (repeatable)')
   parser.add_argument('--run_mode', choices=sorted(RUN_MODES), default='train')
+  cluster = parser.add_argument_group('multi-process (efficientlm.distributed)')
+  cluster.add_argument('--distributed', action='store_true',
+                       help='jax.distributed.initialize() with auto-detection (multi-host TPU)')
+  cluster.add_argument('--coordinator_address', default=None, help='host:port of process 0')
+  cluster.add_argument('--num_processes', type=int, default=None)
+  cluster.add_argument('--process_id', type=int, default=None)
   args, rest = parser.parse_known_args(argv)
   for flag in rest:
     if not flag.startswith('--gin.') or '=' not in flag:
@@ -65,8 +73,10 @@ def _run_fn(run_mode: str):
 
 def main(argv: list[str] | None = None):
   args = parse_flags(sys.argv[1:] if argv is None else argv)
+  distributed.initialize(args.distributed, args.coordinator_address, args.num_processes,
+                         args.process_id)
   gin_config.parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
-  directory = pathlib.Path(gin_config.macro('MODEL_DIR'))
+  directory = storage.as_path(gin_config.macro('MODEL_DIR'))
   writes = jax.process_index() == 0
   if writes:
     directory.mkdir(parents=True, exist_ok=True)

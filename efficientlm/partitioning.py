@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from efficientlm import hybrid_mesh
+
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
@@ -115,10 +117,25 @@ def get_rules(rules: str | AxisRules) -> AxisRules:
 
 def create_mesh(mesh_shape: Sequence[int] = (-1,),
                 axis_names: Sequence[str] = ('data',),
-                devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """Builds a mesh; one entry of `mesh_shape` may be -1 to take the remaining devices."""
+                devices: Sequence[jax.Device] | None = None,
+                dcn_mesh_shape: Sequence[int] | None = None) -> jax.sharding.Mesh:
+  """Builds a mesh; one entry of `mesh_shape` may be -1 to take the remaining devices.
+
+  dcn_mesh_shape (multi-slice): per-axis factors across slices (`hybrid_mesh`); mesh_shape is
+  then the mesh inside one slice, and the mesh is their elementwise product, e.g. mesh_shape
+  (-1, 4) with dcn_mesh_shape (2, 1) is data parallelism over 2 slices.
+  """
   mesh_shape, axis_names = tuple(mesh_shape), tuple(axis_names)
   devices = list(jax.devices() if devices is None else devices)
+  if dcn_mesh_shape is not None:
+    granules = hybrid_mesh.device_granules(devices)
+    if len(set(map(len, granules))) != 1:
+      raise ValueError(f'Slices (or processes) hold different device counts '
+                       f'{[len(g) for g in granules]}; a multi-slice mesh needs equal slices.')
+    meshes = [create_mesh(mesh_shape, axis_names, g) for g in granules]
+    array = hybrid_mesh.hybrid_device_array(meshes[0].devices.shape, dcn_mesh_shape,
+                                            [m.devices for m in meshes])
+    return jax.sharding.Mesh(array, axis_names, axis_types=(AxisType.Auto,) * len(axis_names))
   if len(mesh_shape) != len(axis_names):
     raise ValueError(f'mesh_shape {mesh_shape} and axis_names {axis_names} differ in length.')
   for name in axis_names:
@@ -258,9 +275,10 @@ class Partitioner:
   axis_names: Sequence[str] = ('data',)
   rules: str | AxisRules = 'data_parallel'
   devices: Sequence[jax.Device] | None = None
+  dcn_mesh_shape: Sequence[int] | None = None  # multi-slice: see create_mesh
 
   def __post_init__(self):
-    self.mesh = create_mesh(self.mesh_shape, self.axis_names, self.devices)
+    self.mesh = create_mesh(self.mesh_shape, self.axis_names, self.devices, self.dcn_mesh_shape)
     self.axis_rules = get_rules(self.rules)
 
   # -- context --------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ slices this host's devices hold) and cast to the requested dtype.
 
 from __future__ import annotations
 
-import os
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,13 +16,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from efficientlm import storage
 from efficientlm.checkpoints.source import Leaf, Source, flatten, unflatten
 
-
-def as_checkpoint_path(path: str | pathlib.Path) -> epath.Path:
-  """Orbax needs absolute paths: local relative ones are resolved, URLs (gs://) kept."""
-  text = str(path)
-  return epath.Path(text if '://' in text else os.path.abspath(text))
 
 PYTREE_METADATA = '_METADATA'
 
@@ -89,7 +83,7 @@ def _step_from_name(path: epath.Path) -> int | None:
 
 def open_t5x_orbax(path: str) -> OrbaxSource:
   """T5X's Orbax format: the PyTree at `path` (or `path/state`) with params under `target`."""
-  root = as_checkpoint_path(path)
+  root = storage.as_path(path)
   for directory in (root, root / 'state'):
     if is_pytree_dir(directory):
       tree = _tree_metadata(directory)
@@ -103,7 +97,7 @@ def open_t5x_orbax(path: str) -> OrbaxSource:
 def efficientlm_step_dir(path: str) -> epath.Path:
   """One step of an efficientlm run: given the step directory, the run's `checkpoints/` directory
   or the run directory (MODEL_DIR), the newest step."""
-  root = as_checkpoint_path(path)
+  root = storage.as_path(path)
   if not root.exists():
     raise FileNotFoundError(f'Checkpoint path {root} does not exist.')
   if (root / 'params').exists():

@@ -17,14 +17,13 @@ holds one device slice of one dense array at a time, never the model.
 
 from __future__ import annotations
 
-import pathlib
 import zlib
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from efficientlm import partitioning
+from efficientlm import partitioning, storage
 from efficientlm.checkpoints.formats import open_checkpoint
 from efficientlm.checkpoints.restore import RestoreOptions, partitioned_initializer, restore
 from efficientlm.checkpoints.source import flatten, unflatten
@@ -77,7 +76,7 @@ def upcycle(*,
   `assignment_map` entries go before the upcycling ones (e.g. to rename a differently named
   dense model); every dense array must be used and every MoE parameter but the routers loaded.
   """
-  directory = ckpt_lib.as_checkpoint_path(pathlib.Path(model_dir) / 'checkpoints')
+  directory = storage.as_path(model_dir) / 'checkpoints'
   checkpointer = ckpt_lib.Checkpointer(directory, keep=None, async_save=False)
   existing = checkpointer.steps()
   if existing:

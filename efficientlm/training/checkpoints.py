@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from efficientlm.checkpoints.orbax_source import as_checkpoint_path
+from efficientlm import storage
 from efficientlm.training.metrics import log
 
 ITEMS = ('params', 'opt_state', 'dataset', 'meta')
@@ -64,7 +64,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | pathlib.Path, keep: int | None = 3,
                keep_period: int | None = None, async_save: bool = True):
-    self.directory = as_checkpoint_path(directory)
+    self.directory = storage.as_path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period,
                                            enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import json
-import pathlib
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
 
-from efficientlm import partitioning
+from efficientlm import partitioning, storage
 from efficientlm.checkpoints.load import load_params
 from efficientlm.models.model import BaseModel
 from efficientlm.training import metrics as metrics_lib
@@ -57,7 +57,7 @@ def evaluate(*, model: BaseModel, partitioner: partitioning.Partitioner, checkpo
   results = evaluate_params(params, eval_step, partitioner, iterators, max_eval_batches)
   metrics_lib.MetricWriter(None).write(step, results, prefix='eval ')
   if model_dir is not None and jax.process_index() == 0:
-    path = pathlib.Path(model_dir) / 'eval_results.json'
+    path = storage.as_path(model_dir) / 'eval_results.json'
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({'checkpoint': str(checkpoint_path), 'step': step,
                                 'metrics': results}, indent=2) + '\n')

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import pathlib
 import signal
 import threading
 from collections.abc import Callable
@@ -19,8 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from efficientlm import partitioning
+from efficientlm import partitioning, storage
 from efficientlm.checkpoints.load import load_params
 from efficientlm.checkpoints.restore import RestoreOptions, partitioned_initializer
 from efficientlm.models.model import BaseModel, EncoderDecoderModel
@@ -92,15 +92,22 @@ def _step_array(step: int, abstract: TrainState) -> jax.Array:
 
 
 class PreemptionWatcher(contextlib.AbstractContextManager):
-  """Turns SIGTERM into a flag the loop checks after every step (all processes agree on the
-  step through JAX's preemption sync point when running multi-process)."""
+  """Turns SIGTERM into a stop at a step that every process agrees on.
+
+  One process: a Python SIGTERM handler sets a flag the loop checks after every step.
+  Several processes: each may get the signal at a different step, so the flag alone would stop
+  them at different steps (and the collective checkpoint would hang). jax.distributed's
+  preemption sync manager catches SIGTERM itself and `reached_preemption_sync_point` turns true
+  on every process at the same step; a Python handler would replace its signal handler, so
+  none is installed then.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -111,7 +118,7 @@ class PreemptionWatcher(contextlib.AbstractContextManager):
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return self.requested or multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
   def __exit__(self, *exc):
@@ -153,7 +160,7 @@ def train(*,
   """
   if total_steps <= 0:
     raise ValueError(f'total_steps must be positive, got {total_steps}.')
-  model_dir = pathlib.Path(model_dir)
+  model_dir = storage.as_path(model_dir)  # gs:// kept
   writer = metrics_lib.MetricWriter(model_dir / 'train')
   eval_writer = metrics_lib.MetricWriter(model_dir / 'eval')
   log = metrics_lib.log
@@ -293,7 +300,7 @@ def _lengths(batch_spec) -> dict[str, int]:
   return lengths
 
 
-def _profiler(first: int, last: int, directory: pathlib.Path) -> Callable[[int], None]:
+def _profiler(first: int, last: int, directory: epath.Path) -> Callable[[int], None]:
   """Traces steps first..last with jax.profiler into `directory` (view with TensorBoard)."""
 
   def maybe_trace(step):

@@ -1,0 +1,37 @@
+"""The tiny training run as one of several processes on this machine (jax.distributed over
+localhost, CPU devices split between the processes):
+
+  python -m tests.training.multiprocess_run DIR STEPS DELAY PROCESS_ID NUM_PROCESSES PORT [hybrid]
+
+With `hybrid` the mesh is built per process and joined across processes (a multi-slice mesh
+with processes standing in for slices): data parallelism over the processes, the model axis
+inside each.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TOTAL_DEVICES = 8
+
+
+def main(argv):
+  directory, steps, delay, process_id, num_processes, port = argv[:6]
+  num_processes = int(num_processes)
+  os.environ['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count='
+                             f'{TOTAL_DEVICES // num_processes}')
+  from efficientlm import distributed, partitioning  # pylint: disable=g-import-not-at-top
+  from tests.training import tiny_run  # pylint: disable=g-import-not-at-top
+  distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=num_processes,
+                         process_id=int(process_id))
+  if 'hybrid' in argv[6:]:
+    partitioner = partitioning.Partitioner((1, 4), ('data', 'model'), 'tensor_parallel',
+                                           dcn_mesh_shape=(num_processes, 1))
+  else:
+    partitioner = tiny_run.partitioner()
+  tiny_run.train(directory, int(steps), delay=float(delay), log_every=1, partitioner=partitioner)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
