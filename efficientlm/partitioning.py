@@ -115,6 +115,30 @@ def get_rules(rules: str | AxisRules) -> AxisRules:
 # Mesh construction.
 
 
+def resolve_mesh_shape(mesh_shape: Sequence[int], axis_names: Sequence[str], num_devices: int,
+                       what: str = 'mesh_shape', hint: str = '') -> tuple[int, ...]:
+  """Checks a mesh's axes and fills in its -1 entry for `num_devices` devices; needs no devices,
+  so launch preflight checks use it too. The product is left to the caller, whose message says
+  where the devices come from; `hint` ends the device-count messages."""
+  mesh_shape, axis_names = tuple(int(s) for s in mesh_shape), tuple(axis_names)
+  if len(mesh_shape) != len(axis_names):
+    raise ValueError(f'{what} {mesh_shape} and axis_names {axis_names} differ in length.')
+  for name in axis_names:
+    if name not in KNOWN_MESH_AXES:
+      raise ValueError(f'Unknown mesh axis {name!r}; mesh axes are {KNOWN_MESH_AXES}.')
+  if len(set(axis_names)) != len(axis_names):
+    raise ValueError(f'Repeated mesh axis in {axis_names}.')
+  if mesh_shape.count(-1) > 1 or any(s == 0 or s < -1 for s in mesh_shape):
+    raise ValueError(f'{what} {mesh_shape}: sizes must be positive, with at most one -1.')
+  known = math.prod(s for s in mesh_shape if s != -1)
+  if -1 in mesh_shape:
+    if num_devices % known:
+      raise ValueError(f'{what} {mesh_shape} cannot use {num_devices} devices: {num_devices} is '
+                       f'not divisible by {known}.' + (f' {hint}' if hint else ''))
+    mesh_shape = tuple(num_devices // known if s == -1 else s for s in mesh_shape)
+  return mesh_shape
+
+
 def create_mesh(mesh_shape: Sequence[int] = (-1,),
                 axis_names: Sequence[str] = ('data',),
                 devices: Sequence[jax.Device] | None = None,
@@ -125,32 +149,20 @@ def create_mesh(mesh_shape: Sequence[int] = (-1,),
   then the mesh inside one slice, and the mesh is their elementwise product, e.g. mesh_shape
   (-1, 4) with dcn_mesh_shape (2, 1) is data parallelism over 2 slices.
   """
-  mesh_shape, axis_names = tuple(mesh_shape), tuple(axis_names)
+  axis_names = tuple(axis_names)
   devices = list(jax.devices() if devices is None else devices)
   if dcn_mesh_shape is not None:
     granules = hybrid_mesh.device_granules(devices)
     if len(set(map(len, granules))) != 1:
       raise ValueError(f'Slices (or processes) hold different device counts '
                        f'{[len(g) for g in granules]}; a multi-slice mesh needs equal slices.')
+    dcn_mesh_shape = resolve_mesh_shape(dcn_mesh_shape, axis_names, len(granules),
+                                        'dcn_mesh_shape')
     meshes = [create_mesh(mesh_shape, axis_names, g) for g in granules]
     array = hybrid_mesh.hybrid_device_array(meshes[0].devices.shape, dcn_mesh_shape,
                                             [m.devices for m in meshes])
     return jax.sharding.Mesh(array, axis_names, axis_types=(AxisType.Auto,) * len(axis_names))
-  if len(mesh_shape) != len(axis_names):
-    raise ValueError(f'mesh_shape {mesh_shape} and axis_names {axis_names} differ in length.')
-  for name in axis_names:
-    if name not in KNOWN_MESH_AXES:
-      raise ValueError(f'Unknown mesh axis {name!r}; mesh axes are {KNOWN_MESH_AXES}.')
-  if len(set(axis_names)) != len(axis_names):
-    raise ValueError(f'Repeated mesh axis in {axis_names}.')
-  if mesh_shape.count(-1) > 1 or any(s == 0 or s < -1 for s in mesh_shape):
-    raise ValueError(f'mesh_shape {mesh_shape}: sizes must be positive, with at most one -1.')
-  known = math.prod(s for s in mesh_shape if s != -1)
-  if -1 in mesh_shape:
-    if len(devices) % known:
-      raise ValueError(f'mesh_shape {mesh_shape} cannot use {len(devices)} devices: '
-                       f'{len(devices)} is not divisible by {known}.')
-    mesh_shape = tuple(len(devices) // known if s == -1 else s for s in mesh_shape)
+  mesh_shape = resolve_mesh_shape(mesh_shape, axis_names, len(devices))
   if math.prod(mesh_shape) != len(devices):
     raise ValueError(
         f'mesh_shape {dict(zip(axis_names, mesh_shape))} needs {math.prod(mesh_shape)} devices '
@@ -165,12 +177,18 @@ def create_mesh(mesh_shape: Sequence[int] = (-1,),
 # Logical names -> PartitionSpec.
 
 
+def _axis_sizes(mesh: jax.sharding.Mesh | Mapping[str, int]) -> Mapping[str, int]:
+  return mesh.shape if isinstance(mesh, jax.sharding.Mesh) else mesh
+
+
 def logical_to_spec(logical_axes: Sequence[str | None],
                     rules: Rules,
-                    mesh: jax.sharding.Mesh,
+                    mesh: jax.sharding.Mesh | Mapping[str, int],
                     shape: Sequence[int] | None = None,
                     what: str = 'array') -> PartitionSpec:
-  """Resolves logical axis names to a PartitionSpec, checking names and divisibility."""
+  """Resolves logical axis names to a PartitionSpec, checking names and divisibility; `mesh`
+  may be only its axis sizes (device-free checks)."""
+  sizes = _axis_sizes(mesh)
   table: dict[str, MeshAxes] = {}
   for logical, mesh_axes in rules:
     table.setdefault(logical, mesh_axes)
@@ -187,10 +205,10 @@ def logical_to_spec(logical_axes: Sequence[str | None],
       raise ValueError(
           f'{what}: logical axis {name!r} has no rule. Add ({name!r}, <mesh axes or None>) to the '
           f'rule table; known logical axes: {sorted(table)}.')
-    axes = tuple(a for a in _as_tuple(table[name]) if a in mesh.shape and a not in used)
+    axes = tuple(a for a in _as_tuple(table[name]) if a in sizes and a not in used)
     used.update(axes)
     if shape is not None and axes:
-      size = math.prod(mesh.shape[a] for a in axes)
+      size = math.prod(sizes[a] for a in axes)
       if shape[dim] % size:
         raise ValueError(
             f'{what}: dimension {dim} (logical {name!r}, size {shape[dim]}) is not divisible by '
@@ -198,6 +216,13 @@ def logical_to_spec(logical_axes: Sequence[str | None],
             'other mesh axes (or None) in the rules.')
     spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return PartitionSpec(*spec)
+
+
+def data_shards(mesh: jax.sharding.Mesh | Mapping[str, int], rules: str | AxisRules) -> int:
+  """How many ways the activation rules split the batch dimension over `mesh` (or axis sizes)."""
+  sizes = _axis_sizes(mesh)
+  spec = logical_to_spec(('batch',), get_rules(rules).activations, sizes)
+  return math.prod(sizes[a] for a in _as_tuple(spec[0]))
 
 
 def _flax_rules(rules: Rules, mesh: jax.sharding.Mesh) -> Rules:
@@ -255,6 +280,22 @@ def unbox(tree):
                       is_leaf=_is_box)
 
 
+def param_specs(boxed_tree, rules: str | AxisRules,
+                mesh: jax.sharding.Mesh | Mapping[str, int]) -> Any:
+  """PartitionSpecs for a boxed parameter tree (or abstract one, from jax.eval_shape) over `mesh`
+  or its axis sizes; errors name the offending parameter."""
+  param_rules = get_rules(rules).params
+
+  def spec(path, leaf):
+    if not _is_box(leaf):
+      raise ValueError(f'Parameter {_path_str(path)!r} has no logical axis names; create it '
+                       'with nn.with_logical_partitioning.')
+    return logical_to_spec(leaf.names, param_rules, mesh, leaf.value.shape,
+                           what=f'parameter {_path_str(path)!r}')
+
+  return jax.tree_util.tree_map_with_path(spec, boxed_tree, is_leaf=_is_box)
+
+
 def logical_axes(boxed_tree) -> Any:
   """The tree of logical-axis tuples of a boxed (abstract or concrete) parameter tree."""
 
@@ -296,15 +337,7 @@ class Partitioner:
   # -- parameters -----------------------------------------------------------------------------
   def param_specs(self, boxed_tree) -> Any:
     """PartitionSpecs for a boxed parameter tree; errors name the offending parameter."""
-
-    def spec(path, leaf):
-      if not _is_box(leaf):
-        raise ValueError(f'Parameter {_path_str(path)!r} has no logical axis names; create it '
-                         'with nn.with_logical_partitioning.')
-      return logical_to_spec(leaf.names, self.axis_rules.params, self.mesh, leaf.value.shape,
-                             what=f'parameter {_path_str(path)!r}')
-
-    return jax.tree_util.tree_map_with_path(spec, boxed_tree, is_leaf=_is_box)
+    return param_specs(boxed_tree, self.axis_rules, self.mesh)
 
   def param_shardings(self, boxed_tree) -> Any:
     return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.param_specs(boxed_tree),
@@ -337,8 +370,7 @@ class Partitioner:
   # -- batches --------------------------------------------------------------------------------
   def data_shards(self) -> int:
     """How many ways the batch dimension is split by the activation rules."""
-    spec = logical_to_spec(('batch',), self.axis_rules.activations, self.mesh)
-    return math.prod(self.mesh.shape[a] for a in _as_tuple(spec[0]))
+    return data_shards(self.mesh, self.axis_rules)
 
   def batch_sharding(self, ndim: int) -> NamedSharding:
     axes = ('batch',) + (None,) * (ndim - 1)

@@ -60,3 +60,13 @@ def test_one_process_cannot_span_two_slices_and_dcn_one_is_the_plain_mesh():
   assert hybrid.shape == plain.shape and len(jax.devices()) == 8
   np.testing.assert_array_equal(np.vectorize(lambda d: d.id)(hybrid.devices),
                                 np.vectorize(lambda d: d.id)(plain.devices))
+
+
+def test_dcn_minus_one_takes_the_slice_count_as_the_preflight_does():
+  """One process is one granule: dcn (-1, 1) resolves to (1, 1), the plain mesh; the launch
+  preflight accepts -1 in dcn_mesh_shape, so the mesh built on the TPU must too."""
+  plain = partitioning.create_mesh((-1, 4), ('data', 'model'))
+  hybrid = partitioning.create_mesh((-1, 4), ('data', 'model'), dcn_mesh_shape=(-1, 1))
+  assert hybrid.shape == plain.shape
+  with pytest.raises(ValueError, match='at most one -1'):
+    partitioning.create_mesh((-1, 4), ('data', 'model'), dcn_mesh_shape=(-1, -1))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,29 +60,17 @@ class Plan:
             f'{self.global_batch // self.processes} per host x {self.processes} hosts')
 
 
-def _resolve(shape: Sequence[int], devices: int, what: str, fix: str) -> tuple[int, ...]:
-  shape = tuple(int(s) for s in shape)
-  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise PreflightError(f'{what} {shape}: sizes must be positive, with at most one -1.')
-  known = math.prod(s for s in shape if s != -1)
-  if -1 in shape:
-    if devices % known:
-      raise PreflightError(f'{what} {shape} cannot use {devices} devices: {devices} is not '
-                           f'divisible by {known}. {fix}')
-    shape = tuple(devices // known if s == -1 else s for s in shape)
+def _resolve(shape: Sequence[int], names: Sequence[str], devices: int, what: str,
+             fix: str) -> tuple[int, ...]:
+  """partitioning.create_mesh's checks of `shape`, for `devices` devices that are not here."""
+  try:
+    shape = partitioning.resolve_mesh_shape(shape, names, devices, what, hint=fix)
+  except ValueError as e:
+    raise PreflightError(str(e)) from e
   if math.prod(shape) != devices:
     raise PreflightError(f'{what} {shape} needs {math.prod(shape)} devices but there are '
                          f'{devices}. {fix}')
   return shape
-
-
-def data_shards(mesh: dict[str, int], rules: Any) -> int:
-  """How many ways the batch splits: Partitioner.data_shards on a mesh of these axis sizes."""
-  stand_in = types.SimpleNamespace(shape=mesh)  # logical_to_spec reads only mesh.shape
-  spec = partitioning.logical_to_spec(('batch',), partitioning.get_rules(rules).activations,
-                                      stand_in)[0]
-  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-  return math.prod(mesh[a] for a in axes)
 
 
 def plan(mesh_config: MeshConfig, slice_type: tpu_slices.SliceType, num_slices: int,
@@ -93,14 +80,7 @@ def plan(mesh_config: MeshConfig, slice_type: tpu_slices.SliceType, num_slices: 
   fix = (f'A {slice_type.accelerator_type} slice has {slice_type.devices} JAX devices '
          f'({slice_type.chips} chips); make the product of '
          'partitioning.Partitioner.mesh_shape equal that, or use -1 for one axis.')
-  if len(mesh_config.mesh_shape) != len(names):
-    raise PreflightError(f'partitioning.Partitioner: mesh_shape {tuple(mesh_config.mesh_shape)} '
-                         f'and axis_names {names} differ in length.')
-  for name in names:
-    if name not in partitioning.KNOWN_MESH_AXES:
-      raise PreflightError(f'Unknown mesh axis {name!r}; mesh axes are '
-                           f'{partitioning.KNOWN_MESH_AXES}.')
-  ici = _resolve(mesh_config.mesh_shape, slice_type.devices,
+  ici = _resolve(mesh_config.mesh_shape, names, slice_type.devices,
                  'partitioning.Partitioner.mesh_shape (one slice)', fix)
   dcn = mesh_config.dcn_mesh_shape
   if dcn is None:
@@ -111,14 +91,11 @@ def plan(mesh_config: MeshConfig, slice_type: tpu_slices.SliceType, num_slices: 
           f'dcn_mesh_shape="({num_slices},{",".join(["1"] * (len(names) - 1))})" for data '
           'parallelism over the slices.')
     dcn = (1,) * len(names)
-  if len(dcn) != len(names):
-    raise PreflightError(f'partitioning.Partitioner.dcn_mesh_shape {tuple(dcn)} and axis_names '
-                         f'{names} differ in length.')
-  dcn = _resolve(dcn, num_slices, 'partitioning.Partitioner.dcn_mesh_shape (across slices)',
+  dcn = _resolve(dcn, names, num_slices, 'partitioning.Partitioner.dcn_mesh_shape (across slices)',
                  f'Its product must be the number of slices, --num-slices {num_slices}.')
   ici_mesh = dict(zip(names, ici))
   mesh = {n: i * d for n, i, d in zip(names, ici, dcn)}
-  shards = data_shards(mesh, mesh_config.rules)
+  shards = partitioning.data_shards(mesh, mesh_config.rules)
   processes = slice_type.hosts * num_slices
   if global_batch % shards:
     raise PreflightError(
@@ -141,19 +118,12 @@ def check_parameters(model: Any, mesh: dict[str, int], rules: Any) -> None:
   """Every parameter splits evenly over the full mesh (heads over 'model', experts over
   'expert', ...); shapes come from jax.eval_shape, so nothing is allocated."""
   import jax  # pylint: disable=g-import-not-at-top
-  stand_in = types.SimpleNamespace(shape=mesh)
-  param_rules = partitioning.get_rules(rules).params
   batch = model.dummy_batch(1, {'inputs': 8, 'targets': 8})
-  boxed = jax.eval_shape(model.init, jax.random.key(0), batch)
-  is_box = lambda x: isinstance(x, partitioning.nn.meta.AxisMetadata)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(boxed, is_leaf=is_box)[0]:
-    if is_box(leaf):
-      name = partitioning._path_str(path)  # pylint: disable=protected-access
-      try:
-        partitioning.logical_to_spec(leaf.names, param_rules, stand_in, leaf.value.shape,
-                                     what=f'parameter {name!r}')
-      except ValueError as e:
-        raise PreflightError(f'On mesh {mesh}: {e}') from e
+  boxed = jax.eval_shape(model.init, jax.random.key(0), batch)['params']
+  try:
+    partitioning.param_specs(boxed, rules, mesh)
+  except ValueError as e:
+    raise PreflightError(f'On mesh {mesh}: {e}') from e
 
 
 def _next_multiple(n: int, k: int) -> int:

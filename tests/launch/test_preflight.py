@@ -50,7 +50,7 @@ def test_model_axis_does_not_split_the_batch():
 
 
 def test_expert_axis_splits_the_batch():
-  assert preflight.data_shards({'data': 2, 'expert': 4, 'model': 2}, 'expert_tensor_parallel') == 8
+  assert partitioning.data_shards({'data': 2, 'expert': 4, 'model': 2}, 'expert_tensor_parallel') == 8
 
 
 def test_per_host_batch():
@@ -121,7 +121,7 @@ def test_bad_config_stops_before_any_command(launch_tpu, monkeypatch, capsys, su
                                         ('data', 'expert', 'model')), ((4, 2), ('fsdp', 'model')),
                                         ((8,), ('expert',))])
 def test_data_shards_agree_with_the_partitioner(rules, shape, axes):
-  """The preflight's batch split (from gin, no devices) equals the real Partitioner's on the 8
-  emulated devices."""
+  """The batch split the preflight computes from axis sizes alone (gin, no devices) equals the
+  real Partitioner's on a mesh of the 8 emulated devices."""
   real = partitioning.Partitioner(shape, axes, rules).data_shards()
-  assert preflight.data_shards(dict(zip(axes, shape)), rules) == real
+  assert partitioning.data_shards(dict(zip(axes, shape)), rules) == real
