@@ -26,11 +26,10 @@ import jax.numpy as jnp
 from efficientlm.kernels.flash_attention_bwd import q_block_range
 from efficientlm.kernels.flash_attention_fwd import (Config, block_buckets, block_scores,
                                                      matmul_nt)
-from efficientlm.kernels.flash_attention_tpu_fwd import (LANES, clamp_block, compiler_params,
-                                                         fetch_table, heads_major,
-                                                         interpret_params, k_step, lane_column,
-                                                         option_args, split_refs, tile_mask,
-                                                         visible_blocks)
+from efficientlm.kernels.flash_attention_tpu_fwd import (LANES, compiler_params, fetch_table,
+                                                         heads_major, interpret_params, k_step,
+                                                         lane_column, option_args, scheduled_step,
+                                                         split_refs, tile_mask, visible_blocks)
 
 
 def _matmul(a, b, contract_a: int):
@@ -126,11 +125,8 @@ def _dkdv_kernel(*refs, cfg: Config, has_segments: bool, num_q_blocks: int, grou
 
 def _q_step(cfg: Config, j, i, num_q_blocks: int, sched_ref):
   """(query block to fetch, whether the step computes) at key block j, query step i."""
-  if sched_ref is not None:
-    entry = sched_ref[j, i]
-    return lax.rem(entry, num_q_blocks), entry == i
-  lo, hi = q_block_range(cfg, j * cfg.block_k, num_q_blocks)
-  return clamp_block(i, lo, hi, num_q_blocks), (i >= lo) & (i < hi)
+  return scheduled_step(j, i, num_q_blocks, sched_ref,
+                        lambda: q_block_range(cfg, j * cfg.block_k, num_q_blocks))
 
 
 def _dq(cfg, args, q_seg, kv_seg, table, sched, dims):

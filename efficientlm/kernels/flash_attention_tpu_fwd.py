@@ -95,13 +95,21 @@ def visible_blocks(cfg: Config, sparse, num_q_blocks: int, num_k_blocks: int):
   return in_range & (sparse != 0)
 
 
+def scheduled_step(row, step, num_blocks: int, sched_ref, block_range):
+  """(block to fetch, whether the step computes) at `step` of grid row `row`: from the
+  block-sparse schedule (`fetch_table`) when there is one, else `step` clamped into the visible
+  range `block_range()` = [lo, hi)."""
+  if sched_ref is not None:
+    entry = sched_ref[row, step]
+    return lax.rem(entry, num_blocks), entry == step
+  lo, hi = block_range()
+  return clamp_block(step, lo, hi, num_blocks), (step >= lo) & (step < hi)
+
+
 def k_step(cfg: Config, i, j, num_k_blocks: int, sched_ref):
   """(key block to fetch, whether the step computes) at query block i, key step j."""
-  if sched_ref is not None:
-    entry = sched_ref[i, j]
-    return lax.rem(entry, num_k_blocks), entry == j
-  lo, hi = k_block_range(cfg, i * cfg.block_q, num_k_blocks)
-  return clamp_block(j, lo, hi, num_k_blocks), (j >= lo) & (j < hi)
+  return scheduled_step(i, j, num_k_blocks, sched_ref,
+                        lambda: k_block_range(cfg, i * cfg.block_q, num_k_blocks))
 
 
 def tile_mask(cfg: Config, q_start, k_start, q_seg_ref, kv_seg_ref):
