@@ -14,12 +14,19 @@ Multi-host: --distributed on every host of a TPU slice (see efficientlm.distribu
 explicit --coordinator_address/--num_processes/--process_id; each process reads its own data
 shard, process 0 writes logs and metrics, all processes write their checkpoint shards.
 The parsed config is written to MODEL_DIR/config.gin and, once the run has built everything,
-the operative config (the values actually used) to MODEL_DIR/operative_config.gin.
+the operative config (the values actually used) to MODEL_DIR/operative_config.gin (in training,
+only once the run's checkpoints have been accepted: a run stopped because MODEL_DIR belongs to
+another configuration writes nothing there).
+The run modes that write checkpoints or resumable output (train, upcycle, infer) hold MODEL_DIR's
+run lock (efficientlm.training.run_lock): a second run on the same MODEL_DIR stops at once.
+An error a user can act on (efficientlm.errors.RunError) ends the run with its message alone and
+exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
@@ -27,6 +34,8 @@ import gin
 import jax
 
 from efficientlm import distributed, gin_config, storage
+from efficientlm.errors import RunError
+from efficientlm.training import preemption, run_lock
 
 RUN_MODES = {
     'train': 'efficientlm.training.trainer:train',
@@ -35,6 +44,9 @@ RUN_MODES = {
     'infer': 'efficientlm.inference.infer:infer',
     'sweep': 'efficientlm.inference.sweep:sweep',
 }
+LOCKED_RUN_MODES = ('train', 'upcycle', 'infer')
+# The trainer writes config.gin and operative_config.gin itself, once it has accepted MODEL_DIR.
+WRITES_OWN_CONFIG = ('train',)
 
 
 def parse_flags(argv: list[str]) -> argparse.Namespace:
@@ -53,6 +65,9 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   cluster.add_argument('--coordinator_address', default=None, help='host:port of process 0')
   cluster.add_argument('--num_processes', type=int, default=None)
   cluster.add_argument('--process_id', type=int, default=None)
+  parser.add_argument('--take_over_lock', action='store_true',
+                      help="take over MODEL_DIR's run lock even if its holder looks alive (use "
+                      'only when you know that process is gone)')
   args, rest = parser.parse_known_args(argv)
   for flag in rest:
     if not flag.startswith('--gin.') or '=' not in flag:
@@ -75,18 +90,34 @@ def main(argv: list[str] | None = None):
   args = parse_flags(sys.argv[1:] if argv is None else argv)
   distributed.initialize(args.distributed, args.coordinator_address, args.num_processes,
                          args.process_id)
+  if args.run_mode == 'train':
+    preemption.install()  # a SIGTERM from here on stops the run cleanly
   gin_config.parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
   directory = storage.as_path(gin_config.macro('MODEL_DIR'))
   writes = jax.process_index() == 0
-  if writes:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / 'config.gin').write_text(gin.config_str())
+  own_config = writes and args.run_mode not in WRITES_OWN_CONFIG
+  lock = (run_lock.hold(directory, take_over=args.take_over_lock, purpose=args.run_mode)
+          if writes and args.run_mode in LOCKED_RUN_MODES else contextlib.nullcontext())
+  with lock:
+    if own_config:
+      directory.mkdir(parents=True, exist_ok=True)
+      (directory / 'config.gin').write_text(gin.config_str())
+    try:
+      return _run_fn(args.run_mode)()
+    finally:
+      if own_config:
+        (directory / 'operative_config.gin').write_text(gin.operative_config_str())
+
+
+def run(argv: list[str] | None = None) -> int:
+  """The command line: main(), with a RunError printed as one message (exit status 1)."""
   try:
-    return _run_fn(args.run_mode)()
-  finally:
-    if writes:
-      (directory / 'operative_config.gin').write_text(gin.operative_config_str())
+    main(argv)
+  except RunError as e:
+    print(f'efficientlm: {e}', file=sys.stderr, flush=True)
+    return 1
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(run())

@@ -12,4 +12,4 @@ import sys
 from efficientlm import main
 
 if __name__ == '__main__':
-  main.main(['--run_mode=sweep'] + sys.argv[1:])
+  sys.exit(main.run(['--run_mode=sweep'] + sys.argv[1:]))

@@ -3,7 +3,9 @@
   python scripts/train.py --gin_file=runs/recall_tiny.gin --gin.MODEL_DIR="'runs/recall_tiny'"
 """
 
+import sys
+
 from efficientlm import main
 
 if __name__ == '__main__':
-  main.main()
+  sys.exit(main.run())

@@ -15,6 +15,7 @@ if __name__ == '__main__':
   argv = [a for a in sys.argv[1:] if a != '--train']
   if any(a.startswith('--run_mode') for a in argv):
     sys.exit('scripts/upcycle.py sets the run mode itself; drop --run_mode.')
-  main.main(['--run_mode=upcycle'] + argv)
-  if '--train' in sys.argv[1:]:
-    main.main(['--run_mode=train'] + argv)
+  status = main.run(['--run_mode=upcycle'] + argv)
+  if status == 0 and '--train' in sys.argv[1:]:
+    status = main.run(['--run_mode=train'] + argv)
+  sys.exit(status)

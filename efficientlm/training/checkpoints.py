@@ -1,37 +1,102 @@
 """Orbax checkpoints of a training run: parameters, optimizer state and the data position.
 
-A checkpoint `MODEL_DIR/<step>/` holds the items `params` and `opt_state` (sharded arrays,
-restorable onto any mesh), `dataset` (each process's input-pipeline position) and `meta` (JSON).
-Checkpoints written before training (upcycling, conversion) hold only `params` and `meta`: the
-trainer starts their optimizer state fresh and their data from the beginning.
-Orbax writes a step to a temporary directory and renames it when complete, so a save cut short
-by a crash is never listed. A step that is listed but cannot be read is skipped, with a
-message, in favour of the one before it.
+A checkpoint `MODEL_DIR/checkpoints/<step>/` holds the items `params` and `opt_state` (sharded
+arrays, restorable onto any mesh), `dataset` (each process's input-pipeline position, with the
+sha256 of its files) and `meta`: a sealed JSON record (integrity.seal) of what kind of checkpoint
+it is ('training': every item above; 'parameters': written by upcycling or conversion, `params`
+only), the items it holds, and the shape, dtype and content checksum of every array.
+
+What a restore does with each kind of failure (`restore_latest`):
+- The checkpoint does not fit the configured model (shapes, dtypes, parameter names): a
+  CheckpointMismatchError naming the parameters and both shapes. Nothing is skipped, moved or
+  written: the run directory belongs to another configuration.
+- A storage error that may pass (timeouts, unavailable): retried with backoff, then a
+  CheckpointReadError. Nothing is skipped or moved.
+- Anything else is damage (missing or truncated files, a metadata record or data that does not
+  match its checksum, non-finite values, a training checkpoint without its optimizer state):
+  the step is reported, renamed `<step>.unreadable` (never deleted, never listed again, so the
+  step can be written anew) and the previous step tried.
+
+Saves are asynchronous; `poll` reports a save once Orbax has committed it (written to a temporary
+directory, then renamed: a save cut short by a crash is never listed), and a failed save raises
+a CheckpointSaveError naming the path, the free space and the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import errno
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from efficientlm import storage
+from efficientlm.errors import CheckpointMismatchError, CheckpointReadError, CheckpointSaveError
+from efficientlm.training import integrity, orbax_noise
 from efficientlm.training.metrics import log
 
 ITEMS = ('params', 'opt_state', 'dataset', 'meta')
+UNREADABLE_SUFFIX = '.unreadable'
+FORMAT_VERSION = 2  # 1: meta without kind, items or checksums (before integrity checks)
+
+
+class UnreadableCheckpoint(Exception):
+  """A checkpoint is damaged: skip it (moved aside) and use the one before it."""
+
+
+# --- the data iterator item ----------------------------------------------------------------------
+
+
+def _sums_name() -> str:
+  return f'SHA256SUMS.process_{jax.process_index()}.json'
+
+
+def _own_files(directory: epath.Path) -> list[epath.Path]:
+  """The files this process's iterator wrote: under process_<i>/ where iterators use it."""
+  sub = directory / f'process_{jax.process_index()}'
+  root = sub if sub.exists() else directory
+  return sorted(p for p in _walk(root) if not p.name.startswith('SHA256SUMS'))
+
+
+def _walk(directory: epath.Path):
+  """Files under `directory` (epath has no recursive glob for cloud storage)."""
+  for path in directory.iterdir():
+    if path.is_dir():
+      yield from _walk(path)
+    else:
+      yield path
+
+
+def _sha256(path: epath.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
-  """Saves and restores an iterator that has `save(dir)` / `restore(dir)` (efficientlm.data)."""
+  """Saves and restores an iterator that has `save(dir)` / `restore(dir)` (efficientlm.data),
+  with the sha256 of every file it wrote."""
 
   def save(self, directory: epath.Path, args: DataIteratorSave):
     args.iterator.save(str(directory))
+    sums = {str(p.relative_to(directory)): _sha256(p) for p in _own_files(directory)}
+    (directory / _sums_name()).write_text(json.dumps(sums, indent=1))
 
   def restore(self, directory: epath.Path, args: DataIteratorRestore):
+    sums_file = directory / _sums_name()
+    if sums_file.exists():  # absent in checkpoints written before the sums were
+      for name, digest in json.loads(sums_file.read_text()).items():
+        if not (directory / name).exists():
+          raise UnreadableCheckpoint(f'data position file {directory / name} is missing')
+        if _sha256(directory / name) != digest:
+          raise UnreadableCheckpoint(f'data position file {directory / name} does not match '
+                                     'its checksum')
     args.iterator.restore(str(directory))
     return args.iterator
 
@@ -52,6 +117,58 @@ def _savable(iterator) -> bool:
   return hasattr(iterator, 'save') and hasattr(iterator, 'restore')
 
 
+def _agree(damage: UnreadableCheckpoint | None) -> UnreadableCheckpoint | None:
+  """With several processes, each reads its own shards: damage seen by one is everyone's."""
+  if jax.process_count() == 1:
+    return damage
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  seen = multihost_utils.process_allgather(np.int32(damage is not None))
+  if damage is None and np.any(seen):
+    damage = UnreadableCheckpoint(f'damage found by process(es) {np.flatnonzero(seen).tolist()}')
+  return damage
+
+
+# --- telling damage from storage trouble -------------------------------------------------------
+
+# Status codes tensorstore puts at the start of its error messages, and errnos, for failures
+# that say nothing about the checkpoint's bytes.
+_TRANSIENT_STATUS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'RESOURCE_EXHAUSTED', 'ABORTED',
+                     'CANCELLED', 'UNAUTHENTICATED', 'PERMISSION_DENIED')
+_TRANSIENT_ERRNO = {errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                    errno.ECONNABORTED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EACCES,
+                    errno.EPERM, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR}
+
+
+def is_storage_error(error: BaseException) -> bool:
+  """Whether `error` is the storage's (timeouts, network, permissions: it may pass on a retry and
+  says nothing about the checkpoint), as opposed to missing or damaged files."""
+  for e in _chain(error):
+    if isinstance(e, (TimeoutError, ConnectionError)):
+      return True
+    if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNO:
+      return True
+    if any(str(e).lstrip().startswith(code) for code in _TRANSIENT_STATUS):
+      return True
+  return False
+
+
+def _chain(error: BaseException):
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def _brief(error: BaseException, limit: int = 400) -> str:
+  """One line: the error's type and text, its middle cut (storage errors put the path first and
+  the operating system's reason last)."""
+  text = ' '.join(str(error).split()).rstrip('.')
+  if len(text) > limit:
+    text = f'{text[:limit // 2]} ... {text[-limit // 2:]}'
+  return f'{type(error).__name__}: {text}'
+
+
 @dataclasses.dataclass
 class Restored:
   step: int
@@ -60,71 +177,248 @@ class Restored:
 
 
 class Checkpointer:
-  """Keeps the last `keep` checkpoints plus every step divisible by `keep_period`."""
+  """Keeps the last `keep` checkpoints plus every step divisible by `keep_period`.
 
-  def __init__(self, directory: str | pathlib.Path, keep: int | None = 3,
-               keep_period: int | None = None, async_save: bool = True):
+  `read_retries` attempts (backoff 1, 2, 4 ... s) are made on storage errors that may pass."""
+
+  def __init__(self, directory: str | epath.Path, keep: int | None = 3,
+               keep_period: int | None = None, async_save: bool = True, read_retries: int = 3):
+    orbax_noise.install()
     self.directory = storage.as_path(directory)
+    self.read_retries = read_retries
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period,
                                            enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=ITEMS,
         item_handlers={'dataset': DataIteratorHandler()})
+    self._pending: int | None = None  # the step being saved in the background
+    self._failed = False  # a save failed and was reported
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  # --- saving ------------------------------------------------------------------------------------
+
   def save(self, step: int, params, opt_state=None, iterator=None, wait: bool = False,
            meta: dict | None = None) -> bool:
-    """Saves `step` unless it already exists (a resumed run re-reaching its start step)."""
-    self.manager.wait_until_finished()  # one save in flight; also surfaces its errors
+    """Starts saving `step` unless it already exists (a resumed run re-reaching its start step).
+    `wait` blocks until it is committed. Raises CheckpointSaveError if this or the previous save
+    failed."""
+    self.finish()  # one save in flight; also surfaces the previous one's errors
     if step in self.manager.all_steps():
       return False
-    items = {'params': ocp.args.StandardSave(params),
-             'meta': ocp.args.JsonSave({'step': step, 'process_count': jax.process_count(),
-                                        **(meta or {})})}
+    arrays = {'params': params} if opt_state is None else {'params': params,
+                                                           'opt_state': opt_state}
+    table, _ = integrity.describe(arrays)
+    items = {'params': ocp.args.StandardSave(params)}
     if opt_state is not None:
       items['opt_state'] = ocp.args.StandardSave(opt_state)
     if iterator is not None and _savable(iterator):
       items['dataset'] = DataIteratorSave(iterator)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    record = integrity.seal({
+        'step': step, 'process_count': jax.process_count(), 'format_version': FORMAT_VERSION,
+        'kind': 'parameters' if opt_state is None else 'training',
+        'items': sorted(items), 'arrays': table, **(meta or {})})
+    items['meta'] = ocp.args.JsonSave(record)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except  (synchronous part of the save)
+      raise self._save_error(step, e) from e
+    self._pending = step
     if wait:
-      self.manager.wait_until_finished()
+      self.finish()
     return True
 
-  def restore_latest(self, abstract_params, abstract_opt_state, iterator=None) -> Restored | None:
-    """The newest readable checkpoint restored onto the shardings of the abstract trees.
+  def poll(self) -> int | None:
+    """The step whose background save has just committed, if any (without blocking)."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      return self.finish()
+    return None
 
-    An unreadable step is reported and the one before it tried, down to the oldest."""
+  def finish(self) -> int | None:
+    """Blocks until the save in flight, if any, has committed (and says so); returns its step."""
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    if step is not None:
+      log(f'saved checkpoint {step}')
+    return step
+
+  def _save_error(self, step, error) -> CheckpointSaveError:
+    self._failed = True
+    self.manager.reload()
+    good = [s for s in self.steps() if s != step]
+    target = self.directory / str(step) if step is not None else self.directory
+    space = ''
+    if not storage.is_url(self.directory):
+      free = shutil.disk_usage(self.directory).free
+      space = f' Free space there: {free / 2**20:.1f} MiB.'
+    return CheckpointSaveError(
+        f'Saving checkpoint {target} failed ({_brief(error)}).{space} The last good checkpoint '
+        f'is {self.directory / str(good[-1]) if good else "none"}; a restart resumes from it. '
+        'Free some space (or fix the storage) and run the same command again.')
+
+  # --- restoring ---------------------------------------------------------------------------------
+
+  def restore_latest(self, abstract_params, abstract_opt_state, iterator=None) -> Restored | None:
+    """The newest readable checkpoint restored onto the shardings of the abstract trees, or None
+    if there is none. Damaged steps are reported, moved aside and the previous one tried; a
+    checkpoint of another configuration raises CheckpointMismatchError, a storage error that
+    outlasts the retries CheckpointReadError."""
     for step in reversed(self.steps()):
+      damage = None
       try:
-        return self._restore(step, abstract_params, abstract_opt_state, iterator)
-      except Exception as e:  # pylint: disable=broad-except
-        older = [s for s in self.steps() if s < step]
-        log(f'Checkpoint {self.directory / str(step)} cannot be read ({type(e).__name__}: '
-            f'{str(e)[:300]}); ' + (f'falling back to step {older[-1]}.' if older else
-                                    'no older checkpoint: starting from scratch.'))
+        restored = self._restore(step, abstract_params, abstract_opt_state, iterator)
+      except UnreadableCheckpoint as e:
+        damage = e
+      damage = _agree(damage)
+      if damage is None:
+        return restored
+      older = [s for s in self.steps() if s < step]
+      moved = self._move_aside(step)
+      log(f'Checkpoint {self.directory / str(step)} is unreadable: {damage}. Moved it to {moved} '
+          '(kept, never deleted; it is no longer used). ' +
+          (f'Falling back to step {older[-1]}.' if older else
+           'No older checkpoint: starting from scratch.'))
     return None
 
   def _restore(self, step, abstract_params, abstract_opt_state, iterator) -> Restored:
     step_dir = self.directory / str(step)
-    items = {'params': ocp.args.StandardRestore(abstract_params)}
-    params_only = not (step_dir / 'opt_state').exists()
-    if params_only:
+    meta = self._read_meta(step_dir)
+    kind = meta['kind']
+    if kind == 'training' and 'opt_state' not in meta['items']:
+      raise UnreadableCheckpoint('a training checkpoint without optimizer state')
+    for item in meta['items']:
+      if not (step_dir / item).exists():
+        raise UnreadableCheckpoint(f'its item {item!r} is missing')
+    trees = {'params': abstract_params}
+    if kind == 'training':
+      trees['opt_state'] = abstract_opt_state
+    self._check_fits(step_dir, meta, trees)
+
+    items = {name: ocp.args.StandardRestore(tree) for name, tree in trees.items()}
+    wants_data = iterator is not None and _savable(iterator) and kind == 'training'
+    if wants_data:
+      if 'dataset' not in meta['items']:
+        raise UnreadableCheckpoint('it has no data iterator position to resume from')
+      items['dataset'] = DataIteratorRestore(iterator)
+    restored = self._read(step_dir, lambda: self.manager.restore(
+        step, args=ocp.args.Composite(**items)))
+    arrays = {name: restored[name] for name in trees}
+    table, finite = integrity.describe(arrays)
+    if meta['arrays'] is not None:
+      bad = [name for name, entry in table.items()
+             if entry['checksum'] != meta['arrays'].get(name, {}).get('checksum')]
+      if bad:
+        raise UnreadableCheckpoint(f'{len(bad)} array(s) do not match their checksums '
+                                   f'({", ".join(bad[:4])}{" ..." if len(bad) > 4 else ""})')
+    if not finite:
+      raise UnreadableCheckpoint('it holds non-finite values')
+    if kind == 'parameters':
       log(f'Checkpoint {step_dir} has parameters only (upcycled or converted): the optimizer '
           'state starts fresh and the data from the beginning.')
-    else:
-      items['opt_state'] = ocp.args.StandardRestore(abstract_opt_state)
-      if iterator is not None and _savable(iterator):
-        if not (step_dir / 'dataset').exists():
-          raise FileNotFoundError(f'checkpoint {step} has no data iterator position to resume '
-                                  'from')
-        items['dataset'] = DataIteratorRestore(iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return Restored(step, restored['params'], None if params_only else restored['opt_state'])
+    return Restored(step, arrays['params'], arrays.get('opt_state'))
+
+  def _read(self, step_dir, fn: Callable[[], Any]):
+    """fn() with retries on storage errors; other errors mean the checkpoint is damaged."""
+    for attempt in range(self.read_retries + 1):
+      try:
+        return fn()
+      except UnreadableCheckpoint:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        if not is_storage_error(e):
+          raise UnreadableCheckpoint(_brief(e)) from e
+        if attempt == self.read_retries:
+          raise CheckpointReadError(
+              f'Checkpoint {step_dir} could not be read after {attempt + 1} attempts '
+              f'({_brief(e)}). This looks like a storage problem, not a damaged checkpoint, so '
+              'nothing was skipped or moved; check the storage and run the same command '
+              'again.') from e
+        delay = 2.0 ** attempt
+        log(f'Reading checkpoint {step_dir} failed ({_brief(e)}); retrying in {delay:.0f} s.')
+        time.sleep(delay)
+    raise AssertionError('unreachable')
+
+  def _read_meta(self, step_dir: epath.Path) -> dict[str, Any]:
+    """The checkpoint's record: kind, items and, where recorded, the arrays' shapes, dtypes and
+    checksums (None for checkpoints written before they were recorded)."""
+    path = step_dir / 'meta' / 'metadata'
+    try:
+      record = self._read(step_dir, lambda: json.loads(path.read_text()))
+      payload = integrity.unseal(record)
+    except UnreadableCheckpoint:
+      raise
+    except (ValueError, TypeError, AttributeError) as e:
+      raise UnreadableCheckpoint(f'its metadata record {path} is damaged ({_brief(e)})') from e
+    if payload is not None:
+      return payload
+    # Written before format 2: infer the kind as the trainer used to.
+    kind = 'parameters' if ('upcycled_from' in record or 'converted_from' in record or
+                            not (step_dir / 'opt_state').exists()) else 'training'
+    items = [i for i in ITEMS if i != 'meta' and (step_dir / i).exists()]
+    if kind == 'training' and 'opt_state' not in items:
+      items.append('opt_state')  # so the check above calls it damaged
+    return {**record, 'kind': kind, 'items': items, 'arrays': None}
+
+  def _check_fits(self, step_dir, meta, trees) -> None:
+    """Raises CheckpointMismatchError if the checkpoint's arrays are not the model's."""
+    expected = {}
+    for name, tree in trees.items():
+      expected.update({f'{name}/{k}': v for k, v in integrity.signature(tree).items()})
+    if meta['arrays'] is not None:
+      found = {k: (tuple(v['shape']), v['dtype']) for k, v in meta['arrays'].items()
+               if k.split('/', 1)[0] in trees}
+    else:  # Orbax's own metadata; damage to it reads as damage
+      found = {}
+      for name in trees:
+        tree = self._read(step_dir, lambda n=name: ocp.PyTreeCheckpointer().metadata(
+            step_dir / n))
+        tree = getattr(getattr(tree, 'item_metadata', tree), 'tree', tree)
+        found.update({f'{name}/{k}': v for k, v in integrity.signature(tree).items()})
+    problems = integrity.mismatches(expected, found)
+    if not problems:
+      return
+    # The parameters say what changed; their optimizer state follows them.
+    shown = [p for p in problems if p.startswith('params/')] or problems
+    hidden = len(problems) - len(shown[:12])
+    listing = '\n  '.join(shown[:12]) + (f'\n  ... and {hidden} more (optimizer state included)'
+                                         if hidden else '')
+    raise CheckpointMismatchError(
+        f'Checkpoint {step_dir} was written by a different model configuration; '
+        f'{len(problems)} array(s) differ:\n  {listing}\n'
+        'Nothing was changed in the run directory. To train this configuration, start a new '
+        'MODEL_DIR; to start it from these parameters, use a new MODEL_DIR with '
+        f'--gin.RESTORE_PATH="\'{step_dir}\'" (and restore.RestoreOptions for the changed '
+        'names); to continue this run, restore its original configuration (config.gin there).')
+
+  def _move_aside(self, step: int) -> epath.Path:
+    """Renames a damaged step so it is never listed again (and may be written anew)."""
+    source = self.directory / str(step)
+    target = self.directory / f'{step}{UNREADABLE_SUFFIX}'
+    n = 1
+    while target.exists():
+      n += 1
+      target = self.directory / f'{step}{UNREADABLE_SUFFIX}.{n}'
+    if jax.process_index() == 0:
+      source.rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'efficientlm_move_aside_{step}')
+    self.manager.reload()
+    return target
+
+  # --- the rest ----------------------------------------------------------------------------------
 
   def wait(self):
-    self.manager.wait_until_finished()
+    self.finish()
 
   def close(self):
-    self.manager.close()
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      if not self._failed:  # else: the failed save, already reported
+        raise

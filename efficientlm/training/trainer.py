@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import signal
-import threading
 from collections.abc import Callable
 from typing import Any
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,13 +22,16 @@ from etils import epath
 from efficientlm import partitioning, storage
 from efficientlm.checkpoints.load import load_params
 from efficientlm.checkpoints.restore import RestoreOptions, partitioned_initializer
+from efficientlm.errors import RunLockedError
 from efficientlm.models.model import BaseModel, EncoderDecoderModel
 from efficientlm.training import checkpoints as ckpt_lib
+from efficientlm.training import run_lock
 from efficientlm.training.data_source import (DataSource, global_batch_spec, make_eval_iterators,
                                               make_iterator)
 from efficientlm.training.evaluation import evaluate_params
 from efficientlm.training import metrics as metrics_lib
 from efficientlm.training.optimizers import Optimizer
+from efficientlm.training.preemption import PreemptionWatcher
 from efficientlm.training.steps import TrainState, make_eval_step, make_train_step
 
 
@@ -88,46 +90,6 @@ def _step_array(step: int, abstract: TrainState) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# Preemption.
-
-
-class PreemptionWatcher(contextlib.AbstractContextManager):
-  """Turns SIGTERM into a stop at a step that every process agrees on.
-
-  One process: a Python SIGTERM handler sets a flag the loop checks after every step.
-  Several processes: each may get the signal at a different step, so the flag alone would stop
-  them at different steps (and the collective checkpoint would hang). jax.distributed's
-  preemption sync manager catches SIGTERM itself and `reached_preemption_sync_point` turns true
-  on every process at the same step; a Python handler would replace its signal handler, so
-  none is installed then.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-    return False
-
-
-# ----------------------------------------------------------------------------------------------
 # The loop.
 
 
@@ -153,144 +115,180 @@ def train(*,
           profile_steps: tuple[int, int] | None = None) -> dict[str, float]:
   """Trains `model` for `total_steps` and returns the last logged and eval metrics.
 
-  Resumes from the newest checkpoint in `model_dir`; otherwise starts from `restore_path`'s
-  parameters (another run, a T5X or a Hugging Face checkpoint; `restore_options` maps names,
-  falls back to scratch, see efficientlm.checkpoints.restore) or from scratch. A checkpoint in
-  `model_dir` with parameters only (written by upcycling) gets a fresh optimizer state.
+  Holds MODEL_DIR's run lock (run_lock.py) throughout. Resumes from the newest readable
+  checkpoint in `model_dir` (see checkpoints.py for what happens to damaged ones, and to those
+  of another configuration: the run stops before writing anything); otherwise starts from
+  `restore_path`'s parameters (another run, a T5X or a Hugging Face checkpoint;
+  `restore_options` maps names, falls back to scratch, see efficientlm.checkpoints.restore) or
+  from scratch. A parameters-only checkpoint in `model_dir` (written by upcycling) gets a fresh
+  optimizer state.
   """
   if total_steps <= 0:
     raise ValueError(f'total_steps must be positive, got {total_steps}.')
   model_dir = storage.as_path(model_dir)  # gs:// kept
-  writer = metrics_lib.MetricWriter(model_dir / 'train')
-  eval_writer = metrics_lib.MetricWriter(model_dir / 'eval')
   log = metrics_lib.log
-
-  # --- mesh (the partitioner) and data ---------------------------------------------------------
-  log(f'mesh {dict(partitioner.mesh.shape)} over {jax.device_count()} '
-      f'{jax.devices()[0].platform} devices, rules {partitioner.rules!r}')
-  iterator = make_iterator(train_dataset, model.feature_converter)
-  batch_spec = global_batch_spec(iterator)
-  global_batch = next(iter(batch_spec.values())).shape[0]
-  partitioner.local_batch_size(global_batch)  # divisibility, with a clear error
-
-  # --- state: abstract, then restored or initialized -------------------------------------------
-  abstract, state_shardings, init_params = abstract_state(model, optimizer, partitioner,
-                                                          batch_spec)
-  checkpointer = ckpt_lib.Checkpointer(model_dir / 'checkpoints', keep_checkpoints,
-                                       keep_checkpoints_every, async_checkpointing)
-  restored = checkpointer.restore_latest(abstract.params, abstract.opt_state, iterator)
-  if restored is not None:
-    start, params, opt_state = restored.step, restored.params, restored.opt_state
-    log(f'resumed from {model_dir / "checkpoints" / str(start)}')
-    if opt_state is None:
-      opt_state = _fresh_opt_state(optimizer, partitioner, params, abstract)
-  elif restore_path:
-    start = 0
-    initializer = partitioned_initializer(partitioner, init_params, jax.random.key(seed))
-    step, params, _ = load_params(restore_path, abstract.params, restore_options, initializer)
-    opt_state = _fresh_opt_state(optimizer, partitioner, params, abstract)
-    log(f'initialized parameters from {restore_path} (step {step})')
-  else:
-    start = 0
-    params, opt_state = _fresh_state(optimizer, partitioner, init_params, abstract, seed)
-  state = TrainState(step=_step_array(start, abstract), params=params, opt_state=opt_state)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-  log(f'{type(model.module).__name__}: {num_params / 1e6:.2f}M parameters; global batch '
-      f'{global_batch}, {num_microbatches} microbatch(es); steps {start} -> {total_steps}')
-
-  # --- step functions ---------------------------------------------------------------------------
-  batch_shardings = {k: partitioner.batch_sharding(len(v.shape)) for k, v in batch_spec.items()}
-  with partitioner.context():
-    train_step = jax.jit(make_train_step(model, optimizer, num_microbatches, seed),
-                         in_shardings=(state_shardings, batch_shardings),
-                         out_shardings=(state_shardings, None), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, None))
-    params_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
-
-  flops = metrics_lib.flops_per_example(model.module.config, _lengths(batch_spec),
-                                        isinstance(model, EncoderDecoderModel)) * global_batch
-  peak = metrics_lib.peak_flops_per_device()
-  tokens_per_step = global_batch * batch_spec['decoder_target_tokens'].shape[1]
-
-  # --- hooks ------------------------------------------------------------------------------------
-  latest: dict[str, Any] = {'metrics': None, 'step': start}
-  progress = metrics_lib.Progress(start, total_steps)
   results: dict[str, float] = {}
+  cleanup = contextlib.ExitStack()  # closed, in reverse order, however the run ends
+  with cleanup:
+    preemption = cleanup.enter_context(PreemptionWatcher())
+    lock = cleanup.enter_context(run_lock.hold(model_dir, enabled=jax.process_index() == 0))
 
-  def stop(problem):
-    checkpointer.wait()
-    good = checkpointer.steps()
-    raise FloatingPointError(
-        f'{problem}; stopping. The last good checkpoint is '
-        f'{model_dir / "checkpoints" / str(good[-1]) if good else "none (none was saved)"}.')
+    def stopped_in_startup(phase: str) -> bool:
+      if preemption.requested:
+        log(f'SIGTERM during start-up ({phase}): stopped before the first step, nothing to save.')
+      return preemption.requested
 
-  def check_finite(step, metrics):
-    loss = float(metrics['loss'])
-    if not np.isfinite(loss):
-      stop(f'Loss is {loss} at step {step}')
+    # --- mesh (the partitioner) and data -------------------------------------------------------
+    log(f'mesh {dict(partitioner.mesh.shape)} over {jax.device_count()} '
+        f'{jax.devices()[0].platform} devices, rules {partitioner.rules!r}')
+    iterator = make_iterator(train_dataset, model.feature_converter)
+    batch_spec = global_batch_spec(iterator)
+    global_batch = next(iter(batch_spec.values())).shape[0]
+    partitioner.local_batch_size(global_batch)  # divisibility, with a clear error
+    if stopped_in_startup('data pipeline'):
+      return results
 
-  def check_params_finite(step):
-    # A finite loss at step s says nothing of the parameters its update produced.
-    if not bool(params_finite(state.params)):
-      stop(f'Parameters are not finite after step {step}')
+    # --- state: abstract, then restored or initialized -----------------------------------------
+    # Nothing is written to MODEL_DIR before the restore has accepted its checkpoints.
+    abstract, state_shardings, init_params = abstract_state(model, optimizer, partitioner,
+                                                            batch_spec)
+    checkpointer = ckpt_lib.Checkpointer(model_dir / 'checkpoints', keep_checkpoints,
+                                         keep_checkpoints_every, async_checkpointing)
+    cleanup.callback(checkpointer.close)
+    restored = checkpointer.restore_latest(abstract.params, abstract.opt_state, iterator)
+    if restored is not None:
+      start, params, opt_state = restored.step, restored.params, restored.opt_state
+      log(f'resumed from {model_dir / "checkpoints" / str(start)}')
+      if opt_state is None:
+        opt_state = _fresh_opt_state(optimizer, partitioner, params, abstract)
+    elif restore_path:
+      start = 0
+      initializer = partitioned_initializer(partitioner, init_params, jax.random.key(seed))
+      step, params, _ = load_params(restore_path, abstract.params, restore_options, initializer)
+      opt_state = _fresh_opt_state(optimizer, partitioner, params, abstract)
+      log(f'initialized parameters from {restore_path} (step {step})')
+    else:
+      start = 0
+      params, opt_state = _fresh_state(optimizer, partitioner, init_params, abstract, seed)
+    state = TrainState(step=_step_array(start, abstract), params=params, opt_state=opt_state)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    log(f'{type(model.module).__name__}: {num_params / 1e6:.2f}M parameters; global batch '
+        f'{global_batch}, {num_microbatches} microbatch(es); steps {start} -> {total_steps}')
+    if stopped_in_startup('state'):
+      return results
+    if jax.process_index() == 0:
+      _write_gin_config(model_dir, 'config.gin', gin.config_str)
+      cleanup.callback(_write_gin_config, model_dir, 'operative_config.gin',
+                       gin.operative_config_str)
+    writer = metrics_lib.MetricWriter(model_dir / 'train')
+    eval_writer = metrics_lib.MetricWriter(model_dir / 'eval')
+    cleanup.callback(writer.close)
+    cleanup.callback(eval_writer.close)
 
-  def log_metrics(step):
-    values = {k: float(v) for k, v in jax.device_get(latest['metrics']).items()}
-    step_time, bar = progress.update(step)
-    values.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
-                  mfu=flops / step_time / (peak * jax.device_count()) if peak else None)
-    writer.write(step, values, text=bar, stdout_keys=STDOUT_METRICS)
-    results.update(values)
+    # --- step functions ---------------------------------------------------------------------------
+    batch_shardings = {k: partitioner.batch_sharding(len(v.shape)) for k, v in batch_spec.items()}
+    with partitioner.context():
+      train_step = jax.jit(make_train_step(model, optimizer, num_microbatches, seed),
+                           in_shardings=(state_shardings, batch_shardings),
+                           out_shardings=(state_shardings, None), donate_argnums=(0,))
+      eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, None))
+      params_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
+          [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
 
-  def save(step):
-    check_finite(step, latest['metrics'])
-    check_params_finite(step)
-    if checkpointer.save(step, state.params, state.opt_state, iterator):
-      log(f'saved checkpoint {step}' + (' (async)' if async_checkpointing else ''))
+    flops = metrics_lib.flops_per_example(model.module.config, _lengths(batch_spec),
+                                          isinstance(model, EncoderDecoderModel)) * global_batch
+    peak = metrics_lib.peak_flops_per_device()
+    tokens_per_step = global_batch * batch_spec['decoder_target_tokens'].shape[1]
 
-  def run_eval(step):
-    if eval_dataset is None:
-      return
-    scores = evaluate_params(state.params, eval_step, partitioner,
-                             make_eval_iterators(eval_dataset, model.feature_converter),
-                             max_eval_batches)
-    eval_writer.write(step, scores, prefix='eval ')
-    results.update({f'eval/{k}': v for k, v in scores.items()})
+    # --- hooks ------------------------------------------------------------------------------------
+    latest: dict[str, Any] = {'metrics': None, 'step': start}
+    progress = metrics_lib.Progress(start, total_steps)
 
-  hooks = [Hook(log_every, log_metrics), Hook(checkpoint_every, save),
-           Hook(eval_every, run_eval)]
-  if profile_steps is not None:
-    hooks.append(Hook(1, _profiler(*profile_steps, model_dir / 'profile'), at_end=False))
-
-  # --- loop -------------------------------------------------------------------------------------
-  step = start
-  with PreemptionWatcher() as preemption:
-    try:
-      while step < total_steps:
-        local = next(iterator)
-        state, metrics = train_step(state, partitioner.shard_batch(local))
-        if latest['metrics'] is not None:  # check the previous step while this one runs
-          check_finite(step, latest['metrics'])
-        step += 1
-        latest['metrics'], latest['step'] = metrics, step
-        if preemption.should_stop(step):
-          check_finite(step, metrics)
-          check_params_finite(step)
-          checkpointer.save(step, state.params, state.opt_state, iterator, wait=True)
-          log(f'SIGTERM: saved checkpoint {step} and stopped.')
-          return results
-        for hook in hooks:
-          hook.maybe_run(step, last=step == total_steps)
-      if start == total_steps:
-        log(f'already at step {total_steps}: nothing to train.')
-        run_eval(step)
-    finally:
+    def stop(problem):
       checkpointer.wait()
-      checkpointer.close()
-      writer.close()
-      eval_writer.close()
-  return results
+      good = checkpointer.steps()
+      raise FloatingPointError(
+          f'{problem}; stopping. The last good checkpoint is '
+          f'{model_dir / "checkpoints" / str(good[-1]) if good else "none (none was saved)"}.')
+
+    def check_finite(step, metrics):
+      loss = float(metrics['loss'])
+      if not np.isfinite(loss):
+        stop(f'Loss is {loss} at step {step}')
+
+    def check_params_finite(step):
+      # A finite loss at step s says nothing of the parameters its update produced.
+      if not bool(params_finite(state.params)):
+        stop(f'Parameters are not finite after step {step}')
+
+    def check_lock():
+      if lock is not None and not lock.verify():
+        raise RunLockedError(f'The run lock {lock.path} was taken over by another process; this '
+                             'run stopped without saving so as not to write over its checkpoints.')
+
+    def log_metrics(step):
+      values = {k: float(v) for k, v in jax.device_get(latest['metrics']).items()}
+      step_time, bar = progress.update(step)
+      values.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
+                    mfu=flops / step_time / (peak * jax.device_count()) if peak else None)
+      writer.write(step, values, text=bar, stdout_keys=STDOUT_METRICS)
+      results.update(values)
+
+    def save(step):
+      check_finite(step, latest['metrics'])
+      check_params_finite(step)
+      check_lock()
+      checkpointer.save(step, state.params, state.opt_state, iterator,
+                        wait=not async_checkpointing)
+
+    def run_eval(step):
+      if eval_dataset is None:
+        return
+      scores = evaluate_params(state.params, eval_step, partitioner,
+                               make_eval_iterators(eval_dataset, model.feature_converter),
+                               max_eval_batches)
+      eval_writer.write(step, scores, prefix='eval ')
+      results.update({f'eval/{k}': v for k, v in scores.items()})
+
+    hooks = [Hook(log_every, log_metrics), Hook(checkpoint_every, save),
+             Hook(eval_every, run_eval)]
+    if profile_steps is not None:
+      hooks.append(Hook(1, _profiler(*profile_steps, model_dir / 'profile'), at_end=False))
+
+    # --- loop -------------------------------------------------------------------------------------
+    step = start
+    while step < total_steps:
+      if step == start and stopped_in_startup('compilation'):
+        return results
+      local = next(iterator)
+      state, metrics = train_step(state, partitioner.shard_batch(local))
+      if latest['metrics'] is not None:  # check the previous step while this one runs
+        check_finite(step, latest['metrics'])
+      step += 1
+      latest['metrics'], latest['step'] = metrics, step
+      checkpointer.poll()  # says 'saved checkpoint' once a background save has committed
+      if preemption.should_stop(step):
+        check_finite(step, metrics)
+        check_params_finite(step)
+        check_lock()
+        checkpointer.save(step, state.params, state.opt_state, iterator, wait=True)
+        log(f'SIGTERM: saved checkpoint {step} and stopped; run the same command again to '
+            'resume from it.')
+        return results
+      for hook in hooks:
+        hook.maybe_run(step, last=step == total_steps)
+    if start == total_steps:
+      log(f'already at step {total_steps}: nothing to train.')
+      run_eval(step)
+    checkpointer.finish()
+    return results
+
+
+def _write_gin_config(model_dir: epath.Path, name: str, render: Callable[[], str]) -> None:
+  """A gin config of this run (nothing when the trainer is called without gin)."""
+  text = render()
+  if text.strip():
+    (model_dir / name).write_text(text)
 
 
 def _lengths(batch_spec) -> dict[str, int]:

@@ -134,8 +134,9 @@ def test_unreadable_or_partial_checkpoints_fall_back_to_the_previous_one(tmp_pat
   log = []
   _train(tmp_path, 20, log=log)
   out = capsys.readouterr().out
-  assert 'checkpoints/20 cannot be read' in out and 'falling back to step 10' in out
+  assert 'checkpoints/20 is unreadable' in out and 'Falling back to step 10' in out
   assert log == list(range(10, 20))  # resumed from 10 and retrained 10..19
+  assert (tmp_path / 'checkpoints' / '20.unreadable' / 'params').is_dir()  # moved, not deleted
 
 
 def test_restore_path_starts_from_another_runs_parameters(tmp_path):
