@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None):
   distributed.initialize(args.distributed, args.coordinator_address, args.num_processes,
                          args.process_id)
   gin_config.parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  gin_config.check_command_line_macros(args.gin_bindings)
+  gin_config.check_binding_types()
   directory = storage.as_path(gin_config.macro('MODEL_DIR'))
   writes = jax.process_index() == 0
   if writes:
