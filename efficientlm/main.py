@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None):
   if args.run_mode == 'train':
     preemption.install()  # a SIGTERM from here on stops the run cleanly
   gin_config.parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  gin_config.check_command_line_macros(args.gin_bindings)
+  gin_config.check_binding_types()
   directory = storage.as_path(gin_config.macro('MODEL_DIR'))
   writes = jax.process_index() == 0
   own_config = writes and args.run_mode not in WRITES_OWN_CONFIG

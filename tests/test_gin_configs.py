@@ -67,6 +67,7 @@ def _parse_shipped(path: str) -> None:
 @pytest.mark.parametrize('path', SHIPPED)
 def test_every_gin_file_parses_and_builds(path):
   _parse_shipped(path)
+  gin_config.check_binding_types()
   built = []
   for name in ('MODEL', 'PARTITIONER'):
     try:
@@ -142,3 +143,71 @@ def test_directories_named_like_config_folders_do_not_break_lookup(tmp_path, mon
   monkeypatch.chdir(tmp_path)
   gin_config.parse(['runs/recall_tiny.gin'], ["MODEL_DIR = 'x'"])
   assert gin_config.macro('VOCAB_SIZE') == 64
+
+
+RECALL = ['runs/recall_tiny.gin']
+
+
+@pytest.mark.parametrize('binding,message', [
+    ("TRAIN_STEPS = 'ten'", "TRAIN_STEPS = 'ten' is bound to trainer.train.total_steps and "
+     'optimizers.warmup_cosine_schedule.total_steps, which expect an int: e.g. '
+     '--gin.TRAIN_STEPS=1000'),
+    ("TRAIN_STEPS = '100'", '--gin.TRAIN_STEPS=100'),  # a quoted number: the fix unquotes it
+    ('TRAIN_STEPS = 1e3', 'TRAIN_STEPS = 1000.0 is bound .* expect an int: e.g. '
+     '--gin.TRAIN_STEPS=1000'),
+    ('SCAN_LAYERS = 1', 'SCAN_LAYERS = 1 is bound to model_config.TransformerConfig.scan_layers, '
+     'which expects True or False'),  # a bool is no int, nor an int a bool
+    ('trainer.train.log_every = True', 'trainer.train.log_every = True, but it expects an int'),
+    ('MAX_EVAL_BATCHES = 0.5', 'MAX_EVAL_BATCHES = 0.5 .* expects an int or None'),
+    ('MODEL_DIR = 7', 'MODEL_DIR = 7 is bound to trainer.train.model_dir, which expects a string: '
+     'e.g. --gin.MODEL_DIR="\'7\'"'),
+    ('train/data_config.DatasetConfig.batch_size = [8]',
+     r"train/data_config.DatasetConfig.batch_size = \[8\], but it expects an int"),
+])
+def test_a_value_of_the_wrong_type_names_its_macro_and_parameter(binding, message):
+  gin_config.parse(RECALL, ["MODEL_DIR = '/tmp/run'", binding])
+  with pytest.raises(ValueError, match=message):
+    gin_config.check_binding_types()
+
+
+def test_values_of_the_right_type_pass():
+  gin_config.parse(RECALL, ["MODEL_DIR = '/tmp/run'", 'optimizers.adamw.weight_decay = 1',
+                            'MAX_EVAL_BATCHES = None', 'AUX_LOSS_WEIGHT = 0',
+                            'RESTORE_PATH = %MODEL_DIR'])
+  gin_config.check_binding_types()  # an int is a float; None for `int | None`; macro chains
+
+
+@pytest.mark.parametrize('bindings,message', [
+    (['TRAIN_STEPZ = 4'], 'no loaded gin file defines or uses the macro TRAIN_STEPZ; did you '
+     'mean TRAIN_STEPS?'),
+    (['TRAIN_STEPS = 4\nWARMUP_STEPZ = 1'], 'WARMUP_STEPZ; did you mean WARMUP_STEPS?'),
+    (['QQQQ = 1'], 'the macro QQQQ; check its spelling'),
+])
+def test_an_unknown_macro_on_the_command_line_is_an_error(bindings, message):
+  bindings = ["MODEL_DIR = '/tmp/run'"] + bindings
+  gin_config.parse(RECALL, bindings)
+  with pytest.raises(ValueError, match=message):
+    gin_config.check_command_line_macros(bindings)
+
+
+def test_macros_that_the_config_defines_or_uses_are_known():
+  # MODEL_DIR: defined in a gin file; MY_SEED: new, but used by another binding.
+  bindings = ["MODEL_DIR = '/tmp/run'", 'MY_SEED = 3', 'trainer.train.seed = %MY_SEED']
+  gin_config.parse(RECALL, bindings)
+  gin_config.check_command_line_macros(bindings)
+
+
+def test_binding_source_names_the_macro_that_feeds_a_parameter():
+  gin_config.parse(RECALL, ["MODEL_DIR = '/tmp/run'", 'STEPS = 10', 'TRAIN_STEPS = %STEPS'])
+  schedule = 'optimizers.warmup_cosine_schedule'
+  assert gin_config.binding_source(schedule, 'warmup_steps') == 'WARMUP_STEPS'
+  assert gin_config.binding_source(schedule, 'total_steps') == 'STEPS'  # the macro to change
+  assert gin_config.binding_source(schedule, 'peak_learning_rate') is None  # a literal
+  assert gin_config.binding_source(schedule, 'final_fraction') is None  # unbound
+  # In a scope, the scope's binding: the train dataset's seed is %SEED, the eval one's 42.
+  with gin.config_scope('train'):
+    assert gin_config.binding_source('data_config.DatasetConfig', 'seed') == 'SEED'
+  with gin.config_scope('eval'):
+    assert gin_config.binding_source('data_config.DatasetConfig', 'seed') is None
+  gin.clear_config()
+  assert gin_config.binding_source(schedule, 'total_steps') is None

@@ -36,6 +36,20 @@ def test_typo_in_a_binding_is_named(tmp_path):
                '--gin.trainer.train.totl_steps=5'])
 
 
+@pytest.mark.parametrize('flag,message', [
+    ("--gin.TRAIN_STEPS='ten'", "TRAIN_STEPS = 'ten' is bound to trainer.train.total_steps"),
+    ('--gin.TRAIN_STEPZ=4', '--gin.TRAIN_STEPZ: no loaded gin file defines or uses the macro '
+     'TRAIN_STEPZ; did you mean TRAIN_STEPS?'),
+    ('--gin_bindings=TRAIN_STEPZ = 4', 'did you mean TRAIN_STEPS?'),
+])
+def test_a_bad_macro_is_named_before_the_run(tmp_path, flag, message):
+  # WARMUP_STEPS=-1 stops the run at its first step should the check miss (not 1500 steps on).
+  with pytest.raises(ValueError, match=message):
+    main.main(['--gin_file=runs/recall_tiny.gin', f"--gin.MODEL_DIR='{tmp_path}'",
+               '--gin.WARMUP_STEPS=-1', flag])
+  assert not list(tmp_path.iterdir())  # stopped before writing anything
+
+
 def test_train_then_eval_end_to_end(tmp_path, capsys):
   results = main.main(TINY_RUN + [f"--gin.MODEL_DIR='{tmp_path}'"])
   assert 'eval/synthetic_recall/accuracy' in results

@@ -56,10 +56,14 @@ def file_prompts(path: str, vocabulary: seqio.Vocabulary,
   file = pathlib.Path(path)
   if not file.is_file():
     raise FileNotFoundError(f'Prompt file {path} does not exist.')
+  lines = [(number, line) for number, line in enumerate(file.read_text().splitlines(), 1)
+           if line.strip()]
+  if not lines:  # else the run would succeed with no predictions
+    raise ValueError(f'Prompt file {path} has no prompts: it is empty or all its lines are blank. '
+                     'Write one prompt per line, or set --gin.PROMPT_FILE=None to prompt with the '
+                     "task's examples.")
   jsonl = file.suffix == '.jsonl'
-  for number, line in enumerate(file.read_text().splitlines(), 1):
-    if not line.strip():
-      continue
+  for number, line in lines:
     text = line
     if jsonl:
       record = json.loads(line)

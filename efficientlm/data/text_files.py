@@ -12,6 +12,10 @@ trained on the training documents into `cache_dir` (default: `.text_lm_cache` be
 file) and reused by later registrations of the same files and vocab size. .jsonl files are
 converted once into TFRecords of documents in the same cache, since TensorFlow cannot parse JSON
 and a Python step would make the input pipeline uncheckpointable.
+
+Files must be UTF-8. With `encoding_errors='strict'` (the default) every file is read once at
+registration and an invalid byte stops it with the file, line and byte offset; with 'replace'
+invalid bytes read as U+FFFD, the replacement character, in training and tokenizing alike.
 """
 
 from __future__ import annotations
@@ -39,16 +43,19 @@ _PREPROCESSORS = {
                         seqio.preprocessors.append_eos_after_trim],
 }
 OBJECTIVES = tuple(_PREPROCESSORS)
+ENCODING_ERRORS = ('strict', 'replace')
 _MAX_LINE_BYTES = 1 << 16
 
 
 def register_text_lm(files: str, name: str = 'text_lm', sentencepiece_model: str | None = None,
                      vocab_size: int = 8000, validation_fraction: float = 0.05,
-                     cache_dir: str | None = None, objective: str = 'lm') -> str:
+                     cache_dir: str | None = None, objective: str = 'lm',
+                     encoding_errors: str = 'strict') -> str:
   """Registers task `name` on the .txt / .jsonl files matching the glob `files`; returns `name`.
 
   objective 'lm': 'targets' only (decoder-only language modelling); 'span_corruption': T5's
-  'inputs' / 'targets' pairs, for encoder-decoder models.
+  'inputs' / 'targets' pairs, for encoder-decoder models. `encoding_errors`: 'strict' (a file
+  that is not UTF-8 is an error) or 'replace' (its invalid bytes read as U+FFFD).
 
   In gin: MIXTURE_OR_TASK_NAME = @tasks.register_text_lm()
           tasks.register_text_lm.files = '/data/books/*.txt'
@@ -63,11 +70,14 @@ def register_text_lm(files: str, name: str = 'text_lm', sentencepiece_model: str
                      '(one document per file) nor .jsonl (one {"text": ...} per line).')
   if objective not in OBJECTIVES:
     raise ValueError(f'register_text_lm: objective {objective!r} not in {OBJECTIVES}.')
+  if encoding_errors not in ENCODING_ERRORS:
+    raise ValueError(f'register_text_lm: encoding_errors {encoding_errors!r} not in '
+                     f'{ENCODING_ERRORS}.')
   if not 0.0 <= validation_fraction < 1.0:
     raise ValueError(f'register_text_lm: validation_fraction = {validation_fraction}; it must '
                      'be in [0, 1).')
   cache_dir = cache_dir or os.path.join(os.path.dirname(paths[0]), '.text_lm_cache')
-  split_files = _split_files(paths, validation_fraction, cache_dir)
+  split_files = _split_files(paths, validation_fraction, cache_dir, encoding_errors)
   if not split_files['train']:
     raise ValueError(f'register_text_lm: no training documents in {files!r}; lower '
                      f'validation_fraction ({validation_fraction}) or add files.')
@@ -75,12 +85,14 @@ def register_text_lm(files: str, name: str = 'text_lm', sentencepiece_model: str
   if 'validation' not in splits:
     logging.warning('register_text_lm: no document of %r fell in the validation split.', files)
   if sentencepiece_model is None:
-    sentencepiece_model = _trained_sentencepiece(split_files['train'], vocab_size, cache_dir)
+    sentencepiece_model = _trained_sentencepiece(split_files['train'], vocab_size, cache_dir,
+                                                 encoding_errors)
   vocabulary = vocabularies.sentencepiece_vocabulary(sentencepiece_model)
   add_task(
       name,
-      source=seqio.FunctionDataSource(functools.partial(_documents, split_files=split_files),
-                                      splits=splits),
+      source=seqio.FunctionDataSource(
+          functools.partial(_documents, split_files=split_files, encoding_errors=encoding_errors),
+          splits=splits),
       output_features={f: seqio.Feature(vocabulary, add_eos=True) for f in
                        (('targets',) if objective == 'lm' else ('inputs', 'targets'))},
       preprocessors=_PREPROCESSORS[objective])
@@ -98,29 +110,55 @@ def _fingerprint(paths: Sequence[str], *extra) -> str:
   return hashlib.sha256(repr((stats, extra)).encode()).hexdigest()[:16]
 
 
-def _split_files(paths: Sequence[str], validation_fraction: float,
-                 cache_dir: str) -> dict[str, list[str]]:
+def _split_files(paths: Sequence[str], validation_fraction: float, cache_dir: str,
+                 encoding_errors: str) -> dict[str, list[str]]:
   """split -> files of documents: .txt files themselves, .jsonl converted to TFRecords."""
   split_files = {s: [] for s in _SPLITS}
   for path in paths:
     if path.endswith('.txt'):
+      if encoding_errors == 'strict':  # tf.data reads bytes, and SentencePiece would make an
+        _read_text(path, encoding_errors)  # invalid one <unk>: check them here, before the run.
       in_validation = _in_validation(os.path.basename(path).encode(), validation_fraction)
       split_files['validation' if in_validation else 'train'].append(path)
   jsonl = [p for p in paths if p.endswith('.jsonl')]
   if jsonl:
-    key = _fingerprint(jsonl, validation_fraction)
+    # 'strict' keeps the key that records converted before the option existed have, so they and
+    # the vocabulary trained on them stay in use.
+    key = _fingerprint(jsonl, validation_fraction,
+                       *([encoding_errors] if encoding_errors != 'strict' else []))
     records = {s: os.path.join(cache_dir, f'jsonl-{key}-{s}.tfrecord') for s in _SPLITS}
     if not all(tf.io.gfile.exists(r) for r in records.values()):
-      _convert_jsonl(jsonl, records, validation_fraction)
+      _convert_jsonl(jsonl, records, validation_fraction, encoding_errors)
     for split, record in records.items():
       if tf.io.gfile.stat(record).length:
         split_files[split].append(record)
   return split_files
 
 
-def _jsonl_documents(path: str) -> Iterator[str]:
-  with tf.io.gfile.GFile(path) as f:
-    for number, line in enumerate(f, start=1):
+def _decode(data: bytes, path: str, encoding_errors: str, offset: int = 0, line: int = 1) -> str:
+  """`data`, the bytes of `path` from byte `offset` (on line `line`), as text."""
+  try:
+    return data.decode('utf-8', errors=encoding_errors)
+  except UnicodeDecodeError as e:
+    line += data.count(b'\n', 0, e.start)
+    raise ValueError(
+        f'{path}:{line}: byte offset {offset + e.start} ({data[e.start:e.end]!r}) is not UTF-8 '
+        f'({e.reason}). Convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or set '
+        "tasks.register_text_lm.encoding_errors = 'replace' to read invalid bytes as U+FFFD."
+    ) from e
+
+
+def _read_text(path: str, encoding_errors: str) -> str:
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    return _decode(f.read(), path, encoding_errors)
+
+
+def _jsonl_documents(path: str, encoding_errors: str) -> Iterator[str]:
+  offset = 0
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    for number, data in enumerate(f, start=1):
+      line = _decode(data, path, encoding_errors, offset, number)
+      offset += len(data)
       if not line.strip():
         continue
       try:
@@ -130,37 +168,37 @@ def _jsonl_documents(path: str) -> Iterator[str]:
                          f'({e!r}).') from e
 
 
-def _convert_jsonl(paths: Sequence[str], records: dict[str, str],
-                   validation_fraction: float) -> None:
+def _convert_jsonl(paths: Sequence[str], records: dict[str, str], validation_fraction: float,
+                   encoding_errors: str) -> None:
   tf.io.gfile.makedirs(os.path.dirname(records['train']))
   writers = {s: tf.io.TFRecordWriter(r + '.tmp') for s, r in records.items()}
   with writers['train'], writers['validation']:
     for path in paths:
-      for text in _jsonl_documents(path):
+      for text in _jsonl_documents(path, encoding_errors):
         data = text.encode()
         writers['validation' if _in_validation(data, validation_fraction) else 'train'].write(data)
   for record in records.values():  # rename last: concurrent processes never read a partial file
     tf.io.gfile.rename(record + '.tmp', record, overwrite=True)
 
 
-def _read_documents(path: str) -> Iterator[str]:
+def _read_documents(path: str, encoding_errors: str) -> Iterator[str]:
   if path.endswith('.txt'):
-    with tf.io.gfile.GFile(path) as f:
-      yield f.read()
-  else:
+    yield _read_text(path, encoding_errors)
+  else:  # converted .jsonl: we wrote it from decoded text, so it is UTF-8
     for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
       yield record.decode()
 
 
-def _trained_sentencepiece(paths: Sequence[str], vocab_size: int, cache_dir: str) -> str:
+def _trained_sentencepiece(paths: Sequence[str], vocab_size: int, cache_dir: str,
+                           encoding_errors: str) -> str:
   """Path of a SentencePiece model of the documents in `paths`, trained unless cached."""
   model_path = os.path.join(cache_dir, f'sentencepiece-{vocab_size}-{_fingerprint(paths)}.model')
   if tf.io.gfile.exists(model_path):
     return model_path
   logging.info('Training a %d-piece SentencePiece model on %d files into %s.', vocab_size,
                len(paths), model_path)
-  lines = (line for path in paths for doc in _read_documents(path) for line in doc.splitlines()
-           if line.strip())
+  lines = (line for path in paths for doc in _read_documents(path, encoding_errors)
+           for line in doc.splitlines() if line.strip())
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
@@ -183,7 +221,8 @@ def _trained_sentencepiece(paths: Sequence[str], vocab_size: int, cache_dir: str
   return model_path
 
 
-def _documents(split: str, shuffle_files: bool, seed=None, split_files=None) -> tf.data.Dataset:
+def _documents(split: str, shuffle_files: bool, seed=None, split_files=None,
+               encoding_errors='strict') -> tf.data.Dataset:
   txt = [f for f in split_files[split] if f.endswith('.txt')]
   records = [f for f in split_files[split] if not f.endswith('.txt')]  # converted .jsonl
   texts = tf.data.TFRecordDataset(records) if records else None
@@ -192,5 +231,9 @@ def _documents(split: str, shuffle_files: bool, seed=None, split_files=None) -> 
     if shuffle_files:
       paths = paths.shuffle(len(txt), seed=seed)
     files = paths.map(tf.io.read_file)
+    if encoding_errors == 'replace':  # as Python's decode did for the vocabulary; SentencePiece
+      # would read an invalid byte as <unk> instead.
+      files = files.map(lambda text: tf.strings.unicode_transcode(text, 'UTF-8', 'UTF-8',
+                                                                  errors='replace'))
     texts = files if texts is None else files.concatenate(texts)
   return texts.map(lambda text: {'targets': text})

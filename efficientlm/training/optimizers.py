@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import gin
 import jax
 import jax.numpy as jnp
 import optax
+
+from efficientlm import gin_config
 
 Schedule = Callable[[int], float]
 
@@ -25,12 +28,22 @@ class Optimizer:
 def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) -> Schedule:
   """T5's inverse square root: base / sqrt(max(step, warmup)), constant during warmup."""
   if warmup_steps <= 0:
-    raise ValueError(f'warmup_steps must be positive, got {warmup_steps}.')
+    warmup = _knob(rsqrt_schedule, 'warmup_steps', warmup_steps)
+    raise ValueError(f'rsqrt_schedule needs warmup_steps > 0, but {warmup} = {warmup_steps}: set '
+                     f'{warmup} to a positive number of steps (T5 uses 10000).')
 
   def schedule(step):
     return base_learning_rate * jnp.reciprocal(jnp.sqrt(jnp.maximum(step, warmup_steps)))
 
   return schedule
+
+
+def _knob(fn: Callable, parameter: str, value) -> str:
+  """What a user sets to change `parameter` of `fn`: its gin macro, or the parameter's name."""
+  macro = gin_config.binding_source(f'{fn.__module__}.{fn.__name__}', parameter)
+  # The macro only if it gave this value: a direct call while a gin config is loaded is not
+  # the config's doing.
+  return macro if macro and gin.query_parameter(f'%{macro}') == value else parameter
 
 
 def constant_schedule(learning_rate: float) -> Schedule:
@@ -41,7 +54,11 @@ def warmup_cosine_schedule(peak_learning_rate: float, warmup_steps: int, total_s
                            final_fraction: float = 0.1) -> Schedule:
   """Linear warmup to the peak, then cosine decay to `final_fraction` of it at `total_steps`."""
   if not 0 <= warmup_steps < total_steps:
-    raise ValueError(f'Need 0 <= warmup_steps ({warmup_steps}) < total_steps ({total_steps}).')
+    warmup = _knob(warmup_cosine_schedule, 'warmup_steps', warmup_steps)
+    total = _knob(warmup_cosine_schedule, 'total_steps', total_steps)
+    raise ValueError(f'warmup_cosine_schedule needs 0 <= warmup_steps < total_steps, but '
+                     f'{warmup} = {warmup_steps} and {total} = {total_steps}: raise {total} or '
+                     f'lower {warmup}.')
   return optax.warmup_cosine_decay_schedule(0.0, peak_learning_rate, warmup_steps, total_steps,
                                             peak_learning_rate * final_fraction)
 

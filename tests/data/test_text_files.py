@@ -152,3 +152,37 @@ def test_documents_written_as_one_long_line_train_a_vocabulary(tmp_path):
                                 validation_fraction=0.0)
   vocab = seqio.get_mixture_or_task(name).output_features['targets'].vocabulary
   assert 2 not in vocab.encode(' '.join(_WORDS))  # every word is covered
+
+
+_BAD_BYTE = b'\xff'  # never valid in UTF-8
+
+
+@pytest.mark.parametrize('suffix,trains_vocabulary', [('.txt', True), ('.txt', False),
+                                                      ('.jsonl', True)])
+def test_invalid_utf8_is_located(tmp_path, suffix, trains_vocabulary):
+  from tests.data.conftest import SENTENCEPIECE_MODEL  # pylint: disable=g-import-not-at-top
+  good, bad = ('caf\u00e9 au lait\n', 'second line ') if suffix == '.txt' else (
+      '{"text": "caf\u00e9"}\n', '{"text": "second ')
+  prefix = (good + bad).encode()  # 'é' is two bytes: the offset counts bytes, not characters
+  path = tmp_path / f'bad{suffix}'
+  path.write_bytes(prefix + _BAD_BYTE + b' end"}\n')
+  model = None if trains_vocabulary else SENTENCEPIECE_MODEL
+  with pytest.raises(ValueError, match=re.escape(f'{path}:2: byte offset {len(prefix)} ')) as e:
+    tasks.register_text_lm(str(path), name='bad_bytes', sentencepiece_model=model,
+                           validation_fraction=0.0, vocab_size=40)
+  assert "encoding_errors = 'replace'" in str(e.value)  # and how to go on
+
+
+def test_replace_reads_invalid_bytes_as_the_replacement_character(tmp_path):
+  rng = np.random.default_rng(2)
+  txt = (_text(rng, 120) + ' ').encode() + _BAD_BYTE + b'\xfe tail'
+  jsonl = b'{"text": "bad ' + _BAD_BYTE + b' line"}\n'
+  (tmp_path / 'book.txt').write_bytes(txt)
+  (tmp_path / 'notes.jsonl').write_bytes(jsonl)
+  name = tasks.register_text_lm(str(tmp_path / '*'), name='replaced', vocab_size=40,
+                                validation_fraction=0.0, encoding_errors='replace')
+  expected = {txt.decode('utf-8', 'replace'), 'bad \ufffd line'}
+  assert '\ufffd\ufffd tail' in txt.decode('utf-8', 'replace')  # the reference does replace
+  assert set(_split_documents(name, 'train')) == expected
+  with pytest.raises(ValueError, match="encoding_errors 'ignore'"):
+    tasks.register_text_lm(str(tmp_path / '*'), name='replaced', encoding_errors='ignore')

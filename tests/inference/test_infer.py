@@ -8,6 +8,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import seqio
 
 from efficientlm import gin_config, main, partitioning
@@ -64,6 +65,15 @@ def test_infer_writes_greedy_predictions_and_resumes(tmp_path):
   main.main(_flags(tmp_path, prompt_file))
   again = [json.loads(line) for line in out.read_text().splitlines()]
   assert again == lines
+
+
+@pytest.mark.parametrize('name,text', [('prompts.txt', ''), ('prompts.jsonl', '\n  \n\n')])
+def test_a_prompt_file_without_prompts_is_an_error(tmp_path, name, text):
+  _checkpoint(tmp_path)
+  prompt_file = tmp_path / name
+  prompt_file.write_text(text)
+  with pytest.raises(ValueError, match=f'Prompt file {prompt_file} has no prompts'):
+    main.main(_flags(tmp_path, prompt_file))  # rather than an empty predictions.jsonl
 
 
 def test_int8_weights(tmp_path):

@@ -1,12 +1,15 @@
 """FLOPs per example against hand computation; schedules and optimizer details."""
 
+import re
 import types
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from efficientlm import gin_config, main
 from efficientlm.models.config import TransformerConfig
 from efficientlm.training import metrics, optimizers
 
@@ -55,6 +58,29 @@ def test_rsqrt_and_cosine_schedules():
   assert float(cosine(110)) == pytest.approx(0.1)
   with pytest.raises(ValueError, match='warmup_steps'):
     optimizers.warmup_cosine_schedule(1.0, warmup_steps=10, total_steps=10)
+
+
+def test_a_warmup_longer_than_the_run_names_the_macros(tmp_path):
+  # runs/recall_tiny.gin has WARMUP_STEPS = 200.
+  with pytest.raises(ValueError, match=re.escape(
+      'WARMUP_STEPS = 200 and TRAIN_STEPS = 100: raise TRAIN_STEPS or lower WARMUP_STEPS')):
+    main.main(['--gin_file=runs/recall_tiny.gin', f"--gin.MODEL_DIR='{tmp_path}'",
+               '--gin.TRAIN_STEPS=100'])
+  # Called directly, not with the loaded config's values: the parameters are named instead.
+  with pytest.raises(ValueError, match='warmup_steps = 10 and total_steps = 10: raise '
+                                       'total_steps or lower warmup_steps'):
+    optimizers.warmup_cosine_schedule(1.0, warmup_steps=10, total_steps=10)
+
+
+def test_a_non_positive_rsqrt_warmup_names_its_macro():
+  gin_config.parse(['runs/recall_tiny.gin'], ["MODEL_DIR = '/tmp/run'", 'RSQRT_WARMUP = 0',
+                                              'optimizers.rsqrt_schedule.warmup_steps = '
+                                              '%RSQRT_WARMUP'])
+  with pytest.raises(ValueError, match='RSQRT_WARMUP = 0: set RSQRT_WARMUP to a positive'):
+    gin.get_configurable(optimizers.rsqrt_schedule)()
+  gin.clear_config()
+  with pytest.raises(ValueError, match='warmup_steps = 0: set warmup_steps'):
+    optimizers.rsqrt_schedule(warmup_steps=0)
 
 
 def test_adafactor_factors_only_large_matrices():
