@@ -9,6 +9,10 @@ class RunError(Exception):
   """Base: an expected way for a run to stop (not a bug)."""
 
 
+class ConfigError(RunError, ValueError):
+  """A configuration or input the run cannot use (a gin value, a data file, a prompt file)."""
+
+
 class RunLockedError(RunError):
   """Another process holds MODEL_DIR's run lock."""
 

@@ -21,6 +21,8 @@ import gin
 from gin import config as gin_lib
 from gin import resource_reader
 
+from efficientlm.errors import ConfigError
+
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 # The macros that the gin files of the last `parse` define: what a command-line binding may set
 # besides the macros the config uses. Gin keeps no record of where a binding came from.
@@ -140,7 +142,7 @@ def check_command_line_macros(bindings: Sequence[str]) -> None:
       problems.append(f'--gin.{name}: no loaded gin file defines or uses the macro {name}; '
                       f'{hint}')
   if problems:
-    raise ValueError('\n'.join(problems))
+    raise ConfigError('\n'.join(problems))
 
 
 def binding_source(selector: str, parameter: str) -> str | None:
@@ -254,4 +256,4 @@ def check_binding_types() -> None:
       lines.append(f'{source} = {shown} is bound to {" and ".join(names)}, which '
                    f'expect{"s" if len(names) == 1 else ""} {wanted}: {fix}')
   if lines:
-    raise ValueError('\n'.join(lines))
+    raise ConfigError('\n'.join(lines))

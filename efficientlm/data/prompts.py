@@ -17,6 +17,7 @@ import seqio
 
 from efficientlm.data import tasks  # noqa: F401  (registers the built-in tasks)
 from efficientlm.data.config import DatasetConfig
+from efficientlm.errors import ConfigError
 
 
 def task_vocabulary(mixture_or_task_name: str) -> seqio.Vocabulary:
@@ -59,7 +60,7 @@ def file_prompts(path: str, vocabulary: seqio.Vocabulary,
   lines = [(number, line) for number, line in enumerate(file.read_text().splitlines(), 1)
            if line.strip()]
   if not lines:  # else the run would succeed with no predictions
-    raise ValueError(f'Prompt file {path} has no prompts: it is empty or all its lines are blank. '
+    raise ConfigError(f'Prompt file {path} has no prompts: it is empty or all its lines are blank. '
                      'Write one prompt per line, or set --gin.PROMPT_FILE=None to prompt with the '
                      "task's examples.")
   jsonl = file.suffix == '.jsonl'

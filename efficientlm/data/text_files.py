@@ -34,6 +34,7 @@ import sentencepiece as spm
 from efficientlm.data import preprocessors, span_corruption, vocabularies
 from efficientlm.data.registry import add_task
 from efficientlm.data.tensorflow_cpu import tf
+from efficientlm.errors import ConfigError
 
 _SPLITS = ('train', 'validation')
 _tokenize = functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)
@@ -141,7 +142,7 @@ def _decode(data: bytes, path: str, encoding_errors: str, offset: int = 0, line:
     return data.decode('utf-8', errors=encoding_errors)
   except UnicodeDecodeError as e:
     line += data.count(b'\n', 0, e.start)
-    raise ValueError(
+    raise ConfigError(
         f'{path}:{line}: byte offset {offset + e.start} ({data[e.start:e.end]!r}) is not UTF-8 '
         f'({e.reason}). Convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or set '
         "tasks.register_text_lm.encoding_errors = 'replace' to read invalid bytes as U+FFFD."

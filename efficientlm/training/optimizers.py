@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from efficientlm import gin_config
+from efficientlm.errors import ConfigError
 
 Schedule = Callable[[int], float]
 
@@ -29,7 +30,7 @@ def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) 
   """T5's inverse square root: base / sqrt(max(step, warmup)), constant during warmup."""
   if warmup_steps <= 0:
     warmup = _knob(rsqrt_schedule, 'warmup_steps', warmup_steps)
-    raise ValueError(f'rsqrt_schedule needs warmup_steps > 0, but {warmup} = {warmup_steps}: set '
+    raise ConfigError(f'rsqrt_schedule needs warmup_steps > 0, but {warmup} = {warmup_steps}: set '
                      f'{warmup} to a positive number of steps (T5 uses 10000).')
 
   def schedule(step):
@@ -56,7 +57,7 @@ def warmup_cosine_schedule(peak_learning_rate: float, warmup_steps: int, total_s
   if not 0 <= warmup_steps < total_steps:
     warmup = _knob(warmup_cosine_schedule, 'warmup_steps', warmup_steps)
     total = _knob(warmup_cosine_schedule, 'total_steps', total_steps)
-    raise ValueError(f'warmup_cosine_schedule needs 0 <= warmup_steps < total_steps, but '
+    raise ConfigError(f'warmup_cosine_schedule needs 0 <= warmup_steps < total_steps, but '
                      f'{warmup} = {warmup_steps} and {total} = {total_steps}: raise {total} or '
                      f'lower {warmup}.')
   return optax.warmup_cosine_decay_schedule(0.0, peak_learning_rate, warmup_steps, total_steps,
