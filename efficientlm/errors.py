@@ -21,6 +21,10 @@ class CheckpointMismatchError(RunError):
   """A checkpoint in MODEL_DIR does not fit the configured model (a different configuration)."""
 
 
+class CheckpointDamagedError(RunError):
+  """A checkpoint read for evaluation, inference, conversion or RESTORE_PATH is damaged."""
+
+
 class CheckpointReadError(RunError):
   """A checkpoint could not be read for a reason that is not its corruption (storage errors that
   persisted through the retries): nothing was moved or skipped."""

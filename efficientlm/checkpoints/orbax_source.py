@@ -3,11 +3,16 @@ Orbax format (a PyTree whose root holds T5X's state dict, `{'target': params, 's
 
 Shapes and dtypes come from the checkpoint's metadata without reading arrays; `load` restores the
 requested leaves in one partial restore, each straight onto its sharding (Orbax reads only the
-slices this host's devices hold) and cast to the requested dtype.
+slices this host's devices hold) and cast to the requested dtype. Our own checkpoints record a
+content checksum of every array (efficientlm.training.integrity); their leaves are verified
+after the read, and a mismatch is an error naming the checkpoint and the step before it (eval,
+infer, convert and RESTORE_PATH never use damaged values; a training restart moves such a step
+aside).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +23,8 @@ from etils import epath
 
 from efficientlm import storage
 from efficientlm.checkpoints.source import Leaf, Source, flatten, unflatten
+from efficientlm.errors import CheckpointDamagedError
+from efficientlm.training import integrity
 
 
 PYTREE_METADATA = '_METADATA'
@@ -43,7 +50,7 @@ class OrbaxSource(Source):
   """Leaves under `prefix` of the PyTree in `directory`."""
 
   def __init__(self, path: str, fmt: str, directory: epath.Path, prefix: str,
-               step: int | None):
+               step: int | None, checksums: Mapping[str, str] | None = None):
     flat = flatten(_tree_metadata(directory))
     leaves = {}
     for name, meta in flat.items():
@@ -54,6 +61,7 @@ class OrbaxSource(Source):
     super().__init__(path, fmt, leaves, step)
     self.directory = directory
     self.prefix = prefix
+    self.checksums = checksums or {}  # leaf name -> recorded checksum
 
   def load(self, requests):
     if not requests:
@@ -61,16 +69,38 @@ class OrbaxSource(Source):
     item, args = {}, {}
     for name, (sharding, dtype) in requests.items():
       leaf = self.leaves[name]
-      dtype = np.dtype(dtype or leaf.dtype)
+      # Checksummed leaves are read as stored, verified, then cast.
+      read_dtype = leaf.dtype if name in self.checksums else np.dtype(dtype or leaf.dtype)
       full = self.prefix + name
-      item[full] = jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=sharding)
-      args[full] = ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype)
+      item[full] = jax.ShapeDtypeStruct(leaf.shape, read_dtype, sharding=sharding)
+      args[full] = ocp.ArrayRestoreArgs(sharding=sharding, dtype=read_dtype)
     restored = ocp.PyTreeCheckpointer().restore(
         self.directory, args=ocp.args.PyTreeRestore(item=unflatten(item),
                                                     restore_args=unflatten(args),
                                                     partial_restore=True))
     flat = flatten(restored)
-    return {name: flat[self.prefix + name] for name in requests}
+    out = {name: flat[self.prefix + name] for name in requests}
+    self._verify({name: x for name, x in out.items() if name in self.checksums})
+    return {name: x if dtype is None or x.dtype == np.dtype(dtype) else x.astype(dtype)
+            for (name, (_, dtype)), x in zip(requests.items(), out.values())}
+
+  def _verify(self, arrays: Mapping[str, jax.Array]) -> None:
+    if not arrays:
+      return
+    table, _ = integrity.describe(arrays)
+    bad = sorted(name for name, entry in table.items()
+                 if entry['checksum'] != self.checksums[name])
+    if bad:
+      step_dir = self.directory.parent
+      older = sorted(int(p.name) for p in step_dir.parent.iterdir()
+                     if p.name.isdigit() and int(p.name) < int(step_dir.name))
+      raise CheckpointDamagedError(
+          f'Checkpoint {step_dir} is damaged: {len(bad)} array(s) do not match the checksums '
+          f'recorded when it was saved ({", ".join(bad[:4])}{" ..." if len(bad) > 4 else ""}). '
+          + (f'Use the step before it: {step_dir.parent / str(older[-1])}.' if older else
+             'There is no earlier step in that directory.') +
+          ' (Training in its MODEL_DIR moves a damaged step aside and resumes from the one '
+          'before.)')
 
 
 def _step_from_name(path: epath.Path) -> int | None:
@@ -111,6 +141,23 @@ def efficientlm_step_dir(path: str) -> epath.Path:
                           'directories (MODEL_DIR/checkpoints/<step>/params).')
 
 
+def _recorded_checksums(step_dir: epath.Path) -> dict[str, str]:
+  """{parameter name: checksum} from the step's sealed record; empty for checkpoints written
+  before checksums were recorded."""
+  meta = step_dir / 'meta' / 'metadata'
+  if not meta.exists():
+    return {}
+  try:
+    payload = integrity.unseal(json.loads(meta.read_text()))
+  except ValueError as e:
+    raise CheckpointDamagedError(f'Checkpoint {step_dir} is damaged: its metadata record does '
+                                 f'not match its checksum ({e}).') from e
+  arrays = (payload or {}).get('arrays') or {}
+  return {name[len('params/'):]: entry['checksum'] for name, entry in arrays.items()
+          if name.startswith('params/')}
+
+
 def open_efficientlm(path: str) -> OrbaxSource:
   step_dir = efficientlm_step_dir(path)
-  return OrbaxSource(str(step_dir), 'efficientlm', step_dir / 'params', '', int(step_dir.name))
+  return OrbaxSource(str(step_dir), 'efficientlm', step_dir / 'params', '', int(step_dir.name),
+                     _recorded_checksums(step_dir))

@@ -251,3 +251,23 @@ def test_data_position_files_are_checksummed(tmp_path, capsys):
   ckpt.close()
   assert restored.step == 1 and position.value == 10
   assert 'does not match its checksum' in capsys.readouterr().out
+
+
+def test_eval_and_restore_path_refuse_damaged_values(tmp_path):
+  """Readers of our checkpoints outside training (eval, infer, convert, RESTORE_PATH) verify the
+  recorded checksums too, and name the step to use instead."""
+  from efficientlm.checkpoints.load import load_params  # pylint: disable=g-import-not-at-top
+  from efficientlm.errors import CheckpointDamagedError  # pylint: disable=g-import-not-at-top
+  _save(tmp_path, [1, 2])
+  params, _ = _state(0)
+  step, loaded, _ = load_params(str(tmp_path), _abstract(params))
+  assert step == 2
+  _assert_equal_trees(loaded, _state(2)[0])
+  data_file = _largest_file(tmp_path / '2' / 'params')
+  _flip(data_file, data_file.stat().st_size // 2)
+  with pytest.raises(CheckpointDamagedError,
+                     match=rf'Checkpoint {tmp_path}/2 is damaged.*Use the step before it: '
+                           rf'{tmp_path}/1'):
+    load_params(str(tmp_path), _abstract(params))
+  step, loaded, _ = load_params(str(tmp_path / '1'), _abstract(params))
+  _assert_equal_trees(loaded, _state(1)[0])
