@@ -117,9 +117,21 @@ class MetricWriter:
       self._writer.flush()
 
   def close(self):
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
+    """Flushes and closes the event files; if they cannot be written (a full disk), says so in
+    one line and abandons them, so that neither an error here nor tensorboardX's own exit hook
+    and writer thread bury the error that stopped the run."""
+    writer, self._writer = self._writer, None
+    if writer is None:
+      return
+    try:
+      writer.close()
+    except OSError as e:
+      log(f'TensorBoard events in {writer.logdir} could not be written ({e}); the last '
+          'scalars are missing there.')
+      for file_writer in (writer.all_writers or {}).values():
+        events = file_writer.event_writer
+        events._closed = True  # pylint: disable=protected-access  (no retry at exit)
+        events._worker.stop()  # pylint: disable=protected-access
 
 
 def _fmt(value: float | None) -> str:

@@ -285,10 +285,16 @@ def train(*,
 
 
 def _write_gin_config(model_dir: epath.Path, name: str, render: Callable[[], str]) -> None:
-  """A gin config of this run (nothing when the trainer is called without gin)."""
+  """A gin config of this run (nothing when the trainer is called without gin). It is also
+  written on the way out of a failed run: a full disk is said in one line, not raised over the
+  error that stopped the run."""
   text = render()
-  if text.strip():
+  if not text.strip():
+    return
+  try:
     (model_dir / name).write_text(text)
+  except OSError as e:
+    metrics_lib.log(f'Could not write {model_dir / name}: {e}.')
 
 
 def _lengths(batch_spec) -> dict[str, int]:

@@ -13,6 +13,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from efficientlm import main
 from efficientlm.training import checkpoints
@@ -142,6 +143,34 @@ def test_a_full_disk_stops_at_the_failed_save_with_one_message(tmp_path):
   out, err = resumed.communicate(timeout=240)
   assert resumed.returncode == 0, err
   assert f'resumed from {tmp_path}/checkpoints/10' in out and 'saved checkpoint 20' in out
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """A 2 MiB tmpfs (root only; skipped where mounts are not allowed)."""
+  mount = tmp_path / 'small'
+  mount.mkdir()
+  made = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(mount)],
+                        capture_output=True, text=True, check=False)
+  if made.returncode != 0:
+    pytest.skip(f'cannot mount a tmpfs here: {made.stderr.strip()}')
+  try:
+    yield mount
+  finally:
+    subprocess.run(['umount', str(mount)], check=False)
+
+
+def test_a_really_full_disk_also_ends_with_one_message(small_filesystem):
+  """ENOSPC hits everything (TensorBoard events, the gin config), not only the checkpoint: none
+  of it may bury the message or replace the exit status."""
+  run = _tiny_run(small_filesystem / 'run', 40)
+  out, err = run.communicate(timeout=240)
+  assert run.returncode == 1, err
+  message = [line for line in err.splitlines() if line.startswith('efficientlm:')]
+  assert len(message) == 1 and 'No space left on device' in message[0], err
+  assert 'The last good checkpoint is ' in message[0] and 'Free space there: 0.0 MiB' in message[0]
+  assert 'Traceback' not in err and len(err.splitlines()) < 20, err
+  assert checkpoints.Checkpointer(small_filesystem / 'run' / 'checkpoints').steps() == [10]
 
 
 def test_sigterm_during_start_up_exits_cleanly_with_nothing_saved(tmp_path):
