@@ -90,8 +90,12 @@ def main(argv: list[str] | None = None):
   args = parse_flags(sys.argv[1:] if argv is None else argv)
   distributed.initialize(args.distributed, args.coordinator_address, args.num_processes,
                          args.process_id)
-  if args.run_mode == 'train':
-    preemption.install()  # a SIGTERM from here on stops the run cleanly
+  # Training turns SIGTERM and Ctrl-C into "save and stop" from here on, start-up included.
+  with (preemption.handling() if args.run_mode == 'train' else contextlib.nullcontext()):
+    return _main(args)
+
+
+def _main(args: argparse.Namespace):
   gin_config.parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
   gin_config.check_command_line_macros(args.gin_bindings)
   gin_config.check_binding_types()

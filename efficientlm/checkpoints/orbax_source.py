@@ -35,7 +35,7 @@ def is_pytree_dir(path: epath.Path) -> bool:
 
 
 def _tree_metadata(directory: epath.Path) -> Mapping[str, Any]:
-  metadata = ocp.PyTreeCheckpointer().metadata(directory)
+  metadata = ocp.PyTreeCheckpointHandler().metadata(directory)
   tree = getattr(metadata, 'item_metadata', metadata)
   return getattr(tree, 'tree', tree)
 
@@ -74,7 +74,7 @@ class OrbaxSource(Source):
       full = self.prefix + name
       item[full] = jax.ShapeDtypeStruct(leaf.shape, read_dtype, sharding=sharding)
       args[full] = ocp.ArrayRestoreArgs(sharding=sharding, dtype=read_dtype)
-    restored = ocp.PyTreeCheckpointer().restore(
+    restored = ocp.PyTreeCheckpointHandler().restore(
         self.directory, args=ocp.args.PyTreeRestore(item=unflatten(item),
                                                     restore_args=unflatten(args),
                                                     partial_restore=True))

@@ -16,9 +16,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
+from efficientlm.data.tensorflow_cpu import tf  # first: TF quietly, with GPUs hidden
 import seqio
 
-from efficientlm.data.tensorflow_cpu import tf
 
 LOSS_WEIGHTS = 'targets_loss_weights'
 # seqio's packer keeps each feature's non-zero prefix, so weights are packed as integers

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from efficientlm.data.tensorflow_cpu import tf  # first: TF quietly, with GPUs hidden
 import seqio
 
 from efficientlm.data import feature_converters, tfds_source
 from efficientlm.data import tasks  # noqa: F401  (registers the built-in tasks)
 from efficientlm.data.config import DatasetConfig
 from efficientlm.data.iterator import DataIterator
-from efficientlm.data.tensorflow_cpu import tf
 
 EVAL_SPLITS = ('validation', 'test')
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from efficientlm.data.tensorflow_cpu import tf  # first: TF quietly, with GPUs hidden
 import seqio
 
-from efficientlm.data.tensorflow_cpu import tf
 
 
 def split_tokens(tokens: tf.Tensor, length: int) -> tf.data.Dataset:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from efficientlm.data import tensorflow_cpu  # noqa: F401  (first: TF quietly, with GPUs hidden)
 import seqio
 
 from efficientlm.data import tasks  # noqa: F401  (registers the built-in tasks)

@@ -6,6 +6,7 @@ seqio's own registry raises on a duplicate name.
 
 from __future__ import annotations
 
+from efficientlm.data import tensorflow_cpu  # noqa: F401  (first: TF quietly, with GPUs hidden)
 import seqio
 
 

@@ -15,10 +15,10 @@ sentinel followed by the span it replaced:
 
 from __future__ import annotations
 
+from efficientlm.data.tensorflow_cpu import tf  # first: TF quietly, with GPUs hidden
 import seqio
 
 from efficientlm.data import preprocessors
-from efficientlm.data.tensorflow_cpu import tf
 
 NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN_LENGTH = 3.0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 
+from efficientlm.data import tensorflow_cpu  # noqa: F401  (first: TF quietly, with GPUs hidden)
 import seqio
 
 from efficientlm.data import preprocessors, span_corruption, vocabularies

@@ -28,12 +28,12 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 
+from efficientlm.data.tensorflow_cpu import tf  # first: TF quietly, with GPUs hidden
 import seqio
 import sentencepiece as spm
 
 from efficientlm.data import preprocessors, span_corruption, vocabularies
 from efficientlm.data.registry import add_task
-from efficientlm.data.tensorflow_cpu import tf
 from efficientlm.errors import ConfigError
 
 _SPLITS = ('train', 'validation')

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from efficientlm.data.tensorflow_cpu import tf  # first: TF quietly, with GPUs hidden
 import seqio
 
-from efficientlm.data.tensorflow_cpu import tf
 
 
 class DatasetNotPreparedError(FileNotFoundError):

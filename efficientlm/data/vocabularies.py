@@ -15,9 +15,9 @@ from __future__ import annotations
 import functools
 
 import gin
+from efficientlm.data.tensorflow_cpu import tf  # first: TF quietly, with GPUs hidden
 import seqio
 
-from efficientlm.data.tensorflow_cpu import tf
 
 T5_VOCABULARY = 'gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model'
 

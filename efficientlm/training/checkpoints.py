@@ -375,7 +375,7 @@ class Checkpointer:
     else:  # Orbax's own metadata; damage to it reads as damage
       found = {}
       for name in trees:
-        tree = self._read(step_dir, lambda n=name: ocp.PyTreeCheckpointer().metadata(
+        tree = self._read(step_dir, lambda n=name: ocp.PyTreeCheckpointHandler().metadata(
             step_dir / n))
         tree = getattr(getattr(tree, 'item_metadata', tree), 'tree', tree)
         found.update({f'{name}/{k}': v for k, v in integrity.signature(tree).items()})

@@ -55,7 +55,7 @@ def evaluate(*, model: BaseModel, partitioner: partitioning.Partitioner, checkpo
   with partitioner.context():
     eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings, None))
   results = evaluate_params(params, eval_step, partitioner, iterators, max_eval_batches)
-  metrics_lib.MetricWriter(None).write(step, results, prefix='eval ')
+  metrics_lib.MetricWriter(None).write(step, results, metrics_lib.eval_lines(step, results))
   if model_dir is not None and jax.process_index() == 0:
     path = storage.as_path(model_dir) / 'eval_results.json'
     path.parent.mkdir(parents=True, exist_ok=True)

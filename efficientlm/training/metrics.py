@@ -1,7 +1,10 @@
-"""Training metrics: model FLOPs and MFU, a progress line with ETA, stdout + TensorBoard output."""
+"""Training metrics: model FLOPs and MFU, short progress lines with ETA on stdout, every scalar to
+TensorBoard and metrics.jsonl, start-up phases with their durations."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import pathlib
 import sys
@@ -10,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 
+from efficientlm import storage
 from efficientlm.models.config import TransformerConfig
 
 # Peak dense bfloat16 FLOP/s per device, from the vendors' data sheets, by device_kind substring.
@@ -71,10 +75,10 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Steps per second and ETA over the last logging window; a text bar for logs."""
+  """Seconds per step over the last logging window, and the progress text (percent and ETA)."""
 
-  def __init__(self, first_step: int, total_steps: int, width: int = 20):
-    self.total, self.width = total_steps, width
+  def __init__(self, first_step: int, total_steps: int):
+    self.total = total_steps
     self._last_step, self._last_time = first_step, time.perf_counter()
 
   def update(self, step: int) -> tuple[float, str]:
@@ -82,35 +86,91 @@ class Progress:
     now = time.perf_counter()
     step_time = (now - self._last_time) / max(step - self._last_step, 1)
     self._last_step, self._last_time = step, now
-    done = int(self.width * step / max(self.total, 1))
-    bar = '=' * done + ('>' if done < self.width else '') + ' ' * (self.width - done - 1)
     eta = format_duration(step_time * (self.total - step))
-    return step_time, (f'[{bar[:self.width]}] {step}/{self.total} '
-                       f'{100 * step / max(self.total, 1):3.0f}% ETA {eta}')
+    return step_time, f'{step}/{self.total} {100 * step / max(self.total, 1):.0f}% ETA {eta}'
+
+
+def train_line(step: int, values: Mapping[str, float | None], progress: str) -> str:
+  """The short stdout line of a training step: loss, accuracy, speed, progress (MFU where the
+  device's peak is known). Everything else goes to TensorBoard and metrics.jsonl."""
+  parts = [f'loss {_fmt(values["loss"])}']
+  if 'accuracy' in values:
+    parts.append(f'accuracy {values["accuracy"]:.4f}')
+  parts += [f'{values["step_time_s"]:.3g} s/step', f'{_count(values["tokens_per_s"])} tokens/s']
+  if values.get('mfu') is not None:
+    parts.append(f'MFU {100 * values["mfu"]:.1f}%')
+  return f'step {step}: ' + '  '.join(parts) + f'  {progress}'
+
+
+def moe_line(values: Mapping[str, float | None]) -> str | None:
+  """The router statistics of an MoE model, on a second line (None for dense models)."""
+  if 'moe/load_balancing_loss' not in values:
+    return None
+  return (f'  moe: balance loss {values["moe/load_balancing_loss"]:.4f}  z-loss '
+          f'{values["moe/router_z_loss"]:.4f}  dropped {100 * values["moe/fraction_dropped"]:.1f}%'
+          f'  expert load {100 * values["moe/expert_load_min"]:.1f}-'
+          f'{100 * values["moe/expert_load_max"]:.1f}%  entropy '
+          f'{values["moe/expert_load_entropy"]:.3f}' +
+          (f' of {values["moe/expert_load_entropy_max"]:.3f}'
+           if 'moe/expert_load_entropy_max' in values else ''))
+
+
+def eval_lines(step: int, results: Mapping[str, float]) -> list[str]:
+  """One line per eval task: `eval step N task: loss ... accuracy ... perplexity ...`."""
+  tasks = sorted({key.rsplit('/', 1)[0] for key in results})
+  return [f'eval step {step} {task}: loss {_fmt(results[f"{task}/loss"])}  accuracy '
+          f'{results[f"{task}/accuracy"]:.4f}  perplexity {_fmt(results[f"{task}/perplexity"])}  '
+          f'({_count(results[f"{task}/num_tokens"])} tokens)' for task in tasks]
+
+
+def _count(value: float) -> str:
+  return f'{value / 1e6:.2f}M' if value >= 1e6 else f'{value / 1e3:.1f}k' if value >= 1e4 else \
+      f'{value:.0f}'
+
+
+@contextlib.contextmanager
+def phase(name: str):
+  """A start-up phase on stdout: `name ...` as it begins and `name: 12.3 s` when it ends."""
+  log(f'{name} ...')
+  start = time.perf_counter()
+  yield
+  log(f'{name}: {time.perf_counter() - start:.1f} s')
 
 
 class MetricWriter:
-  """Scalars to stdout and TensorBoard event files (process 0 only; others are silent)."""
+  """Scalars to TensorBoard event files and `metrics.jsonl` in `log_dir` (one JSON object per
+  write: step, wall time, scalars), and the given lines to stdout. Process 0 only; the others
+  are silent."""
 
   def __init__(self, log_dir: str | pathlib.Path | None, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._writer = None
+    self._jsonl = None
     if self.enabled and log_dir is not None:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._writer = SummaryWriter(str(log_dir), flush_secs=30)
+      self._jsonl = storage.as_path(log_dir) / 'metrics.jsonl'
 
-  def write(self, step: int, scalars: Mapping[str, float], prefix: str = '',
-            text: str | None = None, stdout_keys: Sequence[str] | None = None) -> None:
-    """All scalars to TensorBoard; to stdout those in `stdout_keys` (default: all)."""
+  def write(self, step: int, scalars: Mapping[str, float | None],
+            lines: Sequence[str | None] = ()) -> None:
     if not self.enabled:
       return
-    keys = scalars if stdout_keys is None else [k for k in stdout_keys if k in scalars]
-    shown = '  '.join(f'{k} {_fmt(scalars[k])}' for k in keys)
-    print(f'{prefix}step {step}: {shown}' + (f'  {text}' if text else ''), flush=True)
+    for line in lines:
+      if line is not None:
+        print(line, flush=True)
     if self._writer is not None:
       for key, value in scalars.items():
         if value is not None and math.isfinite(value):
           self._writer.add_scalar(key, value, step)
+    if self._jsonl is not None:
+      record = {'step': step, 'time': round(time.time(), 3),
+                **{k: v if v is None or math.isfinite(v) else str(v) for k, v in scalars.items()}}
+      try:
+        with self._jsonl.open('a') as f:
+          f.write(json.dumps(record) + '\n')
+      except OSError as e:  # a full disk: the checkpoint save reports it; metrics are secondary
+        log(f'Cannot append to {self._jsonl} ({e}); metrics go to TensorBoard and stdout only.')
+        self._jsonl = None
 
   def flush(self):
     if self._writer is not None:

@@ -35,12 +35,6 @@ from efficientlm.training.preemption import PreemptionWatcher
 from efficientlm.training.steps import TrainState, make_eval_step, make_train_step
 
 
-# The training metrics printed on stdout (those present); TensorBoard gets every one.
-STDOUT_METRICS = ('loss', 'accuracy', 'learning_rate', 'grad_norm', 'step_time_s', 'tokens_per_s',
-                  'mfu', 'moe/load_balancing_loss', 'moe/router_z_loss', 'moe/fraction_dropped',
-                  'moe/expert_load_min', 'moe/expert_load_max', 'moe/expert_load_entropy')
-
-
 @dataclasses.dataclass
 class Hook:
   """Runs `fn(step)` every `every` steps (None: never periodically) and, if `at_end`, at the end."""
@@ -135,14 +129,16 @@ def train(*,
 
     def stopped_in_startup(phase: str) -> bool:
       if preemption.requested:
-        log(f'SIGTERM during start-up ({phase}): stopped before the first step, nothing to save.')
+        log(f'{preemption.signal_name} during start-up ({phase}): stopped before the first step, '
+            'nothing to save.')
       return preemption.requested
 
     # --- mesh (the partitioner) and data -------------------------------------------------------
     log(f'mesh {dict(partitioner.mesh.shape)} over {jax.device_count()} '
         f'{jax.devices()[0].platform} devices, rules {partitioner.rules!r}')
-    iterator = make_iterator(train_dataset, model.feature_converter)
-    batch_spec = global_batch_spec(iterator)
+    with metrics_lib.phase('building the data pipeline'):
+      iterator = make_iterator(train_dataset, model.feature_converter)
+      batch_spec = global_batch_spec(iterator)
     global_batch = next(iter(batch_spec.values())).shape[0]
     partitioner.local_batch_size(global_batch)  # divisibility, with a clear error
     if stopped_in_startup('data pipeline'):
@@ -150,12 +146,16 @@ def train(*,
 
     # --- state: abstract, then restored or initialized -----------------------------------------
     # Nothing is written to MODEL_DIR before the restore has accepted its checkpoints.
-    abstract, state_shardings, init_params = abstract_state(model, optimizer, partitioner,
-                                                            batch_spec)
+    with metrics_lib.phase('tracing the model and optimizer state'):
+      abstract, state_shardings, init_params = abstract_state(model, optimizer, partitioner,
+                                                              batch_spec)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     checkpointer = ckpt_lib.Checkpointer(model_dir / 'checkpoints', keep_checkpoints,
                                          keep_checkpoints_every, async_checkpointing)
     cleanup.callback(checkpointer.close)
-    restored = checkpointer.restore_latest(abstract.params, abstract.opt_state, iterator)
+    with (metrics_lib.phase(f'reading the newest good checkpoint in {checkpointer.directory}')
+          if checkpointer.steps() else contextlib.nullcontext()):
+      restored = checkpointer.restore_latest(abstract.params, abstract.opt_state, iterator)
     if restored is not None:
       start, params, opt_state = restored.step, restored.params, restored.opt_state
       log(f'resumed from {model_dir / "checkpoints" / str(start)}')
@@ -163,15 +163,18 @@ def train(*,
         opt_state = _fresh_opt_state(optimizer, partitioner, params, abstract)
     elif restore_path:
       start = 0
-      initializer = partitioned_initializer(partitioner, init_params, jax.random.key(seed))
-      step, params, _ = load_params(restore_path, abstract.params, restore_options, initializer)
-      opt_state = _fresh_opt_state(optimizer, partitioner, params, abstract)
+      with metrics_lib.phase(f'initializing {num_params / 1e6:.2f}M parameters from '
+                             f'{restore_path}'):
+        initializer = partitioned_initializer(partitioner, init_params, jax.random.key(seed))
+        step, params, _ = load_params(restore_path, abstract.params, restore_options,
+                                      initializer)
+        opt_state = _fresh_opt_state(optimizer, partitioner, params, abstract)
       log(f'initialized parameters from {restore_path} (step {step})')
     else:
       start = 0
-      params, opt_state = _fresh_state(optimizer, partitioner, init_params, abstract, seed)
+      with metrics_lib.phase(f'initializing {num_params / 1e6:.2f}M parameters'):
+        params, opt_state = _fresh_state(optimizer, partitioner, init_params, abstract, seed)
     state = TrainState(step=_step_array(start, abstract), params=params, opt_state=opt_state)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     log(f'{type(model.module).__name__}: {num_params / 1e6:.2f}M parameters; global batch '
         f'{global_batch}, {num_microbatches} microbatch(es); steps {start} -> {total_steps}')
     if stopped_in_startup('state'):
@@ -194,6 +197,13 @@ def train(*,
       eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, None))
       params_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
           [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
+      if start < total_steps:  # ahead of the first step, so that the wait is named and timed
+        with metrics_lib.phase('compiling the train step'):
+          train_step = train_step.lower(abstract, {
+              k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
+              for k, v in batch_spec.items()}).compile()
+    if stopped_in_startup('compilation'):
+      return results
 
     flops = metrics_lib.flops_per_example(model.module.config, _lengths(batch_spec),
                                           isinstance(model, EncoderDecoderModel)) * global_batch
@@ -231,7 +241,8 @@ def train(*,
       step_time, bar = progress.update(step)
       values.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
                     mfu=flops / step_time / (peak * jax.device_count()) if peak else None)
-      writer.write(step, values, text=bar, stdout_keys=STDOUT_METRICS)
+      writer.write(step, values, [metrics_lib.train_line(step, values, bar),
+                                  metrics_lib.moe_line(values)])
       results.update(values)
 
     def save(step):
@@ -247,7 +258,7 @@ def train(*,
       scores = evaluate_params(state.params, eval_step, partitioner,
                                make_eval_iterators(eval_dataset, model.feature_converter),
                                max_eval_batches)
-      eval_writer.write(step, scores, prefix='eval ')
+      eval_writer.write(step, scores, metrics_lib.eval_lines(step, scores))
       results.update({f'eval/{k}': v for k, v in scores.items()})
 
     hooks = [Hook(log_every, log_metrics), Hook(checkpoint_every, save),
@@ -258,9 +269,9 @@ def train(*,
     # --- loop -------------------------------------------------------------------------------------
     step = start
     while step < total_steps:
-      if step == start and stopped_in_startup('compilation'):
-        return results
       local = next(iterator)
+      if step == start and stopped_in_startup('first batch'):
+        return results
       state, metrics = train_step(state, partitioner.shard_batch(local))
       if latest['metrics'] is not None:  # check the previous step while this one runs
         check_finite(step, latest['metrics'])
@@ -272,8 +283,8 @@ def train(*,
         check_params_finite(step)
         check_lock()
         checkpointer.save(step, state.params, state.opt_state, iterator, wait=True)
-        log(f'SIGTERM: saved checkpoint {step} and stopped; run the same command again to '
-            'resume from it.')
+        log(f'{preemption.signal_name}: saved checkpoint {step} and stopped; run the same command '
+            'again to resume from it.')
         return results
       for hook in hooks:
         hook.maybe_run(step, last=step == total_steps)

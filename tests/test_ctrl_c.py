@@ -1,0 +1,39 @@
+"""Ctrl-C stops the test suite as `make test` runs it (pytest-xdist workers, this conftest, JAX
+and training in the workers) and prints the usual summary. The terminal sends SIGINT to the
+whole foreground process group; so does this test."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def test_ctrl_c_stops_the_suite_with_a_summary():
+  suite = subprocess.Popen(
+      [sys.executable, '-m', 'pytest', '-n', '2', '-q', '-p', 'no:cacheprovider',
+       'tests/training/test_trainer.py'], cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  output = []
+  try:
+    while True:  # until the first test result: workers are up and busy with JAX
+      char = suite.stdout.read(1)
+      assert char, ''.join(output)
+      output.append(char)
+      if re.search(r'nodes\.\.\.\n+[.Fs]', ''.join(output[-200:])):
+        break
+    time.sleep(2)
+    os.killpg(suite.pid, signal.SIGINT)
+    rest, _ = suite.communicate(timeout=180)
+  finally:
+    if suite.poll() is None:
+      os.killpg(suite.pid, signal.SIGKILL)
+  text = ''.join(output) + rest
+  assert suite.returncode == 2, text[-3000:]  # pytest's "interrupted"
+  assert 'KeyboardInterrupt' in text and ' passed' in text.splitlines()[-1], text[-3000:]
