@@ -16,7 +16,9 @@ shard, process 0 writes logs and metrics, all processes write their checkpoint s
 The parsed config is written to MODEL_DIR/config.gin and, once the run has built everything,
 the operative config (the values actually used) to MODEL_DIR/operative_config.gin (in training,
 only once the run's checkpoints have been accepted: a run stopped because MODEL_DIR belongs to
-another configuration writes nothing there).
+another configuration writes nothing there). The other run modes write <run_mode>_config.gin and
+<run_mode>_operative_config.gin, so that evaluating a training run in its own MODEL_DIR keeps the
+training's configs.
 The run modes that write checkpoints or resumable output (train, upcycle, infer) hold MODEL_DIR's
 run lock (efficientlm.training.run_lock): a second run on the same MODEL_DIR stops at once.
 An error a user can act on (efficientlm.errors.RunError) ends the run with its message alone and
@@ -107,12 +109,13 @@ def _main(args: argparse.Namespace):
   with lock:
     if own_config:
       directory.mkdir(parents=True, exist_ok=True)
-      (directory / 'config.gin').write_text(gin.config_str())
+      (directory / f'{args.run_mode}_config.gin').write_text(gin.config_str())
     try:
       return _run_fn(args.run_mode)()
     finally:
       if own_config:
-        (directory / 'operative_config.gin').write_text(gin.operative_config_str())
+        (directory / f'{args.run_mode}_operative_config.gin').write_text(
+            gin.operative_config_str())
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -73,3 +73,11 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
   # The eval run mode scores the checkpoint exactly as the trainer's own final evaluation did.
   assert scores['synthetic_recall/loss'] == pytest.approx(
       results['eval/synthetic_recall/loss'], rel=1e-5)
+  # The run's own flags with --run_mode=eval (what `make eval` runs) inherit every setting of the
+  # trainer's evaluation: the same numbers, bit for bit, and the training's configs untouched.
+  configs = {name: (tmp_path / name).read_text() for name in ('config.gin', 'operative_config.gin')}
+  same = main.main(TINY_RUN + [f"--gin.MODEL_DIR='{tmp_path}'", '--run_mode=eval'])
+  assert same == {k[len('eval/'):]: v for k, v in results.items() if k.startswith('eval/')}
+  assert json.loads((tmp_path / 'eval_results.json').read_text())['step'] == 4
+  assert {name: (tmp_path / name).read_text() for name in configs} == configs
+  assert 'evaluation.evaluate' in (tmp_path / 'eval_operative_config.gin').read_text()

@@ -119,7 +119,7 @@ def eval_lines(step: int, results: Mapping[str, float]) -> list[str]:
   """One line per eval task: `eval step N task: loss ... accuracy ... perplexity ...`."""
   tasks = sorted({key.rsplit('/', 1)[0] for key in results})
   return [f'eval step {step} {task}: loss {_fmt(results[f"{task}/loss"])}  accuracy '
-          f'{results[f"{task}/accuracy"]:.4f}  perplexity {_fmt(results[f"{task}/perplexity"])}  '
+          f'{results[f"{task}/accuracy"]:.4f}  perplexity {results[f"{task}/perplexity"]:.5g}  '
           f'({_count(results[f"{task}/num_tokens"])} tokens)' for task in tasks]
 
 
