@@ -9,7 +9,9 @@ the file's base name for .txt (so a file never straddles splits), the line's tex
 
 Without `sentencepiece_model`, a unigram SentencePiece model (pad 0, EOS 1, unk 2, as T5's) is
 trained on the training documents into `cache_dir` (default: `.text_lm_cache` beside the first
-file) and reused by later registrations of the same files and vocab size. .jsonl files are
+file) and reused by later registrations of the same files and vocab size. Training can take
+minutes on a large corpus, so it is announced on stdout (what is trained, from how much text, and
+where it goes) and its end is reported with the time it took. .jsonl files are
 converted once into TFRecords of documents in the same cache, since TensorFlow cannot parse JSON
 and a Python step would make the input pipeline uncheckpointable.
 
@@ -26,6 +28,7 @@ import io
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 
 from efficientlm.data.tensorflow_cpu import tf  # first: TF quietly, with GPUs hidden
@@ -190,25 +193,54 @@ def _read_documents(path: str, encoding_errors: str) -> Iterator[str]:
       yield record.decode()
 
 
+def _say(message: str) -> None:
+  """A line on stdout, flushed. The data package does not import jax, so there is no process-0
+  filter: every process that trains a vocabulary says so (each trains its own copy)."""
+  print(f'register_text_lm: {message}', flush=True)
+
+
+def _megabytes(num_bytes: int) -> str:
+  return f'{num_bytes / 1e6:.1f} MB' if num_bytes >= 1e5 else f'{num_bytes:,} bytes'
+
+
+_MAX_SENTENCES = 2_000_000  # SentencePiece trains on a random sample of this many lines at most
+
+
 def _trained_sentencepiece(paths: Sequence[str], vocab_size: int, cache_dir: str,
                            encoding_errors: str) -> str:
   """Path of a SentencePiece model of the documents in `paths`, trained unless cached."""
   model_path = os.path.join(cache_dir, f'sentencepiece-{vocab_size}-{_fingerprint(paths)}.model')
   if tf.io.gfile.exists(model_path):
+    _say(f'using the SentencePiece vocabulary cached at {model_path}')
     return model_path
-  logging.info('Training a %d-piece SentencePiece model on %d files into %s.', vocab_size,
-               len(paths), model_path)
-  lines = (line for path in paths for doc in _read_documents(path, encoding_errors)
-           for line in doc.splitlines() if line.strip())
+  size = sum(tf.io.gfile.stat(p).length for p in paths)
+  files = f'{len(paths)} file' + ('s' if len(paths) != 1 else '')
+  _say(f'training a {vocab_size}-piece SentencePiece vocabulary on the training split ({files}, '
+       f'{_megabytes(size)}) for {model_path}')
+  read = {'lines': 0, 'bytes': 0}
+
+  def lines():
+    for path in paths:
+      for doc in _read_documents(path, encoding_errors):
+        for line in doc.splitlines():
+          if line.strip():
+            read['lines'] += 1
+            read['bytes'] += len(line.encode())
+            yield line
+
+  start = time.perf_counter()
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type='unigram',
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size,
+        model_type='unigram', pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
         hard_vocab_limit=False,  # a small corpus may not support vocab_size pieces
         # SentencePiece silently skips longer lines (default 4192 bytes): allow paragraphs.
         max_sentence_length=_MAX_LINE_BYTES,
-        input_sentence_size=2_000_000, shuffle_input_sentence=True, minloglevel=2)
+        input_sentence_size=_MAX_SENTENCES, shuffle_input_sentence=True,
+        # Its own log (minloglevel 0) is ~70 lines of flags and EM iterations written straight
+        # to stderr, with an absl warning: the two lines of _say say what matters.
+        minloglevel=2)
   except RuntimeError as e:
     if 'sentences_.empty()' not in str(e):
       raise
@@ -219,6 +251,10 @@ def _trained_sentencepiece(paths: Sequence[str], vocab_size: int, cache_dir: str
   with tf.io.gfile.GFile(model_path + '.tmp', 'wb') as f:
     f.write(model.getvalue())
   tf.io.gfile.rename(model_path + '.tmp', model_path, overwrite=True)
+  sampled = (f', a random {_MAX_SENTENCES:,} of them used'
+             if read['lines'] > _MAX_SENTENCES else '')
+  _say(f'trained the vocabulary in {time.perf_counter() - start:.1f} s on {read["lines"]:,} '
+       f'lines ({_megabytes(read["bytes"])}{sampled}): {model_path}')
   return model_path
 
 

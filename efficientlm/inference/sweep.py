@@ -22,11 +22,11 @@ import datetime
 import json
 import pathlib
 import platform
-import sys
 import time
 from typing import Any, Sequence
 
 from efficientlm.inference import perf_model as pm
+from efficientlm.inference import sweep_progress
 from efficientlm.inference.hardware import GiB, get_hardware
 from efficientlm.inference.layout_spec import Layout
 
@@ -265,6 +265,7 @@ def sweep(*, output_dir: str, models: Sequence[Any] = (), hardware: Sequence[str
           'local_device_count': len(devices), 'device_count': jax.device_count()}
   device = f'{info["platform"]}:{info["device_kind"]}'
   start = time.perf_counter()
+  progress = sweep_progress.Progress(len(points))
   rows, predictions, decoders = [], [], {}
   for i, point in enumerate(points):
     row, prediction = _row(point, device), None
@@ -279,12 +280,11 @@ def sweep(*, output_dir: str, models: Sequence[Any] = (), hardware: Sequence[str
     rows.append(row)
     predictions.append(prediction)
     elapsed = time.perf_counter() - start
-    sys.stdout.write(f'\r[{i + 1}/{len(points)}] {point.kind} {point.model.name} {point.phase} '
-                     f'B={point.batch} {point.layout.name} {point.weight_dtype} '
-                     f'{row["status"]}  {elapsed:.1f}s ')
-    sys.stdout.flush()
+    progress.update(i, f'{point.kind} {point.model.name} {point.phase} B={point.batch} '
+                    f'{point.layout.name} {point.weight_dtype} {row["status"]}  {elapsed:.1f}s')
+  progress.close()
   elapsed = time.perf_counter() - start
-  print(f'\nswept {len(points)} points in {elapsed:.1f}s '
+  print(f'swept {len(points)} points in {elapsed:.1f}s '
         f'({sum(r["status"] == "ok" for r in rows)} ok)')
 
   directory = pathlib.Path(output_dir)

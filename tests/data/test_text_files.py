@@ -186,3 +186,32 @@ def test_replace_reads_invalid_bytes_as_the_replacement_character(tmp_path):
   assert set(_split_documents(name, 'train')) == expected
   with pytest.raises(ValueError, match="encoding_errors 'ignore'"):
     tasks.register_text_lm(str(tmp_path / '*'), name='replaced', encoding_errors='ignore')
+
+
+def test_vocabulary_training_is_announced_and_reported(tmp_path, capsys):
+  rng = np.random.default_rng(2)
+  texts = [_text(rng, 600) + '\n\n' for _ in range(3)]  # blank lines are not training lines
+  for i, text in enumerate(texts):
+    (tmp_path / f'{i}.txt').write_text(text)
+  nonblank = [line for text in texts for line in text.splitlines() if line.strip()]
+  size = sum(os.path.getsize(tmp_path / f'{i}.txt') for i in range(3))
+  files = str(tmp_path / '*.txt')
+  tasks.register_text_lm(files, name='announced', vocab_size=60, validation_fraction=0.0,
+                         cache_dir=str(tmp_path / 'cache'))
+  (model,) = (tmp_path / 'cache').glob('*.model')
+  lines = [line for line in capsys.readouterr().out.splitlines()
+           if line.startswith('register_text_lm: ')]
+  assert len(lines) == 2, lines
+  assert lines[0] == ('register_text_lm: training a 60-piece SentencePiece vocabulary on the '
+                      f'training split (3 files, {size:,} bytes) for {model}')
+  trained = re.fullmatch(r'register_text_lm: trained the vocabulary in (\d+\.\d) s on (\d+) '
+                         r'lines \(([\d,]+) bytes\): (.*)', lines[1])
+  assert trained, lines[1]
+  assert int(trained[2]) == len(nonblank) == 150
+  assert int(trained[3].replace(',', '')) == sum(len(line.encode()) for line in nonblank)
+  assert trained[4] == str(model)
+
+  tasks.register_text_lm(files, name='announced', vocab_size=60, validation_fraction=0.0,
+                         cache_dir=str(tmp_path / 'cache'))
+  assert capsys.readouterr().out.splitlines() == [
+      f'register_text_lm: using the SentencePiece vocabulary cached at {model}']

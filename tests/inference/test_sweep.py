@@ -1,15 +1,19 @@
-"""Inference sweeps: analytical rows equal perf_model, best layouts, a measured run on 8 devices."""
+"""Inference sweeps: analytical rows equal perf_model, best layouts, a measured run on 8 devices,
+progress as whole lines in a log and in place on a terminal."""
 
 from __future__ import annotations
 
 import collections
 import csv
+import io
 import json
+import re
+import sys
 
 import pytest
 
 from efficientlm.inference import perf_model as pm
-from efficientlm.inference import sweep
+from efficientlm.inference import sweep, sweep_progress
 from efficientlm.inference.layout_spec import Layout
 from efficientlm.models.config import TransformerConfig
 
@@ -108,6 +112,51 @@ def test_measured_sweep_on_eight_devices(tmp_path, capsys):
   assert calibration['device'] == 'cpu' and 'interconnects' in calibration['note']
   assert calibration['num_points'] == 3 and calibration['calibration'] is not None
   assert list((tmp_path / 'plots').glob('measured_*.png'))
+
+
+
+def _progress(out):
+  """The [i/N] of each progress line or in-place update, in order."""
+  return [int(m) for m in re.findall(r'\[(\d+)/\d+\]', out)]
+
+
+def test_progress_in_a_log_is_a_few_whole_lines(tmp_path, capsys):
+  # capsys's stdout is not a terminal, as when a sweep's output goes to a file.
+  sweep.sweep(output_dir=str(tmp_path), plots=False, **ANALYTICAL)
+  out = capsys.readouterr().out
+  total = 2 * 3 * 2 * 5 * 2
+  assert '\r' not in out and out.endswith('\n')
+  lines = out.splitlines()
+  assert lines[-1].startswith(f'swept {total} points in ')
+  shown = _progress(out)
+  assert len(lines) == len(shown) + 1  # nothing but progress lines and the summary
+  assert 10 <= len(shown) <= 22, shown  # about 20, not one per point
+  assert shown[0] == 1 and shown[-1] == total and shown == sorted(set(shown))
+
+
+def test_progress_on_a_terminal_is_rewritten_in_place(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(sys.stdout, 'isatty', lambda: True)
+  sweep.sweep(output_dir=str(tmp_path), plots=False, **ANALYTICAL)
+  out = capsys.readouterr().out
+  total = 2 * 3 * 2 * 5 * 2
+  updates = out.split('\r')[1:]
+  assert len(updates) == total and _progress(out) == list(range(1, total + 1))
+  assert all('\n' not in u for u in updates[:-1])  # one line, rewritten
+  # Each update covers the one before it, and the summary starts a line of its own.
+  assert all(len(b) >= len(a.rstrip()) for a, b in zip(updates, updates[1:]))
+  assert re.fullmatch(rf'\[{total}/{total}\] [^\n]*\nswept {total} points in [^\n]*\n',
+                      updates[-1])
+
+
+def test_progress_of_a_long_sweep_in_a_log():
+  stream = io.StringIO()  # not a terminal
+  progress = sweep_progress.Progress(616, stream)
+  for i in range(616):
+    progress.update(i, 'point')
+  progress.close()
+  shown = _progress(stream.getvalue())
+  assert shown[0] == 1 and shown[-1] == 616 and len(shown) <= 22
+  assert stream.getvalue().count('\n') == len(shown)
 
 
 @pytest.mark.parametrize('override,message', [
