@@ -106,9 +106,9 @@ def moe_line(values: Mapping[str, float | None]) -> str | None:
   """The router statistics of an MoE model, on a second line (None for dense models)."""
   if 'moe/load_balancing_loss' not in values:
     return None
-  return (f'  moe: balance loss {values["moe/load_balancing_loss"]:.4f}  z-loss '
+  return (f'  moe: balance {values["moe/load_balancing_loss"]:.4f}  z-loss '
           f'{values["moe/router_z_loss"]:.4f}  dropped {100 * values["moe/fraction_dropped"]:.1f}%'
-          f'  expert load {100 * values["moe/expert_load_min"]:.1f}-'
+          f'  load {100 * values["moe/expert_load_min"]:.1f}-'
           f'{100 * values["moe/expert_load_max"]:.1f}%  entropy '
           f'{values["moe/expert_load_entropy"]:.3f}' +
           (f' of {values["moe/expert_load_entropy_max"]:.3f}'
