@@ -34,6 +34,7 @@ from efficientlm.data.tensorflow_cpu import tf  # first: TF quietly, with GPUs h
 import seqio
 
 from efficientlm.data.registry import add_task
+from efficientlm.data.resumable_source import ResumableFunctionSource
 
 PAD_ID, EOS_ID = 0, 1
 _SPLIT_IDS = {'train': 0, 'validation': 1}
@@ -148,23 +149,11 @@ def _generate(dataset, sequence_length, spec, task_name):
                      num_parallel_calls=tf.data.AUTOTUNE)
 
 
-class _IndexSource(seqio.FunctionDataSource):
-  """Example indices of a split. seqio warns that an uncached function source reshuffles poorly
-  on restarts; that does not apply here: an example is a function of its index, and a restart
-  resumes the checkpointed iterator, whose shuffle state is part of it."""
-
-  def get_dataset(self, split='train', shuffle=True, seed=None, shard_info=None, **unused):
-    del unused
-    if shard_info and shard_info.num_shards > 1:
-      raise ValueError('The synthetic tasks are sharded by the pipeline, not by their source.')
-    return self._dataset_fn(split=split, shuffle_files=shuffle, seed=seed)
-
-
 def _register(name: str, spec, num_validation_examples: int) -> str:
   weights = seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.float32)
   add_task(
       name,
-      source=_IndexSource(
+      source=ResumableFunctionSource(
           functools.partial(_indices, num_validation=num_validation_examples),
           splits=tuple(_SPLIT_IDS),
           num_input_examples={'train': _TRAIN_EXAMPLES, 'validation': num_validation_examples}),

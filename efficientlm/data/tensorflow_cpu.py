@@ -17,6 +17,7 @@ TFDS, and TF-using modules take `tf` from it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import logging
 import os
@@ -26,6 +27,10 @@ import threading
 
 # TF's C++ INFO lines after start-up (CPU feature notes, ...); warnings and errors still show.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+# oneDNN speeds up TF's float kernels (convolutions, matmuls), which input pipelines do not run;
+# with it on, TF's int64 ops log "oneDNN supports DT_INT64 only on platforms with AVX-512" as an
+# ERROR on TFDS pipelines. Off: TF's own kernels. A value the user set wins.
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 _START_UP_INFO = (
     r'^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR'
@@ -46,13 +51,9 @@ def _forward(source: int, target: int, dropped: re.Pattern) -> None:
         os.write(target, line)
 
 
-def _import_tensorflow():
-  """`import tensorflow` (and, without a driver, its device initialization), with the lines
-  described above filtered out of file descriptor 2."""
-  if 'tensorflow' in sys.modules:
-    return sys.modules['tensorflow']
-  driver = _has_nvidia_driver()
-  dropped = re.compile(_START_UP_INFO if driver else f'{_START_UP_INFO}|{_NO_DRIVER_CUINIT}')
+@contextlib.contextmanager
+def _filtered_stderr(dropped: re.Pattern):
+  """File descriptor 2 through a pipe whose forwarder drops the lines `dropped` matches."""
   sys.stderr.flush()
   read, write = os.pipe()
   saved = os.dup(2)
@@ -61,14 +62,24 @@ def _import_tensorflow():
   os.dup2(write, 2)
   os.close(write)
   try:
-    import tensorflow  # pylint: disable=g-import-not-at-top
-    if not driver:
-      tensorflow.config.list_logical_devices()  # TF's devices, now: its cuInit probe included
+    yield
   finally:
     sys.stderr.flush()
     os.dup2(saved, 2)  # closes the pipe's last writer: the forwarder drains it and ends
     forwarder.join()
     os.close(saved)
+
+
+def _import_tensorflow():
+  """`import tensorflow` and, without a driver, its device initialization, with the lines
+  described above filtered out of file descriptor 2. If TF was imported before (a script that
+  imported seqio first), only the device initialization is filtered."""
+  driver = _has_nvidia_driver()
+  dropped = re.compile(_START_UP_INFO if driver else f'{_START_UP_INFO}|{_NO_DRIVER_CUINIT}')
+  with _filtered_stderr(dropped):
+    import tensorflow  # pylint: disable=g-import-not-at-top
+    if not driver:
+      tensorflow.config.list_logical_devices()  # TF's devices, now: its cuInit probe included
   return tensorflow
 
 

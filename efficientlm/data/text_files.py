@@ -37,6 +37,7 @@ import sentencepiece as spm
 
 from efficientlm.data import preprocessors, span_corruption, vocabularies
 from efficientlm.data.registry import add_task
+from efficientlm.data.resumable_source import ResumableFunctionSource
 from efficientlm.errors import ConfigError
 
 _SPLITS = ('train', 'validation')
@@ -94,7 +95,7 @@ def register_text_lm(files: str, name: str = 'text_lm', sentencepiece_model: str
   vocabulary = vocabularies.sentencepiece_vocabulary(sentencepiece_model)
   add_task(
       name,
-      source=seqio.FunctionDataSource(
+      source=ResumableFunctionSource(
           functools.partial(_documents, split_files=split_files, encoding_errors=encoding_errors),
           splits=splits),
       output_features={f: seqio.Feature(vocabulary, add_eos=True) for f in
