@@ -13,7 +13,7 @@ import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-po
 
 # Test modules import TensorFlow, seqio and TFDS directly: TF comes in through efficientlm.data's
 # quiet import first (its start-up INFO lines dropped, GPUs hidden), as in a training run.
-from efficientlm.data import tensorflow_cpu  # noqa: E402,F401  pylint: disable=wrong-import-position
+from efficientlm.data import tensorflow_cpu  # noqa: E402,F401  pylint: disable=C0413
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 

@@ -41,7 +41,8 @@ def test_make_train_names_its_phases_and_prints_no_noise(tmp_path):
   _, err = _main('--run_mode=eval', '--gin_file=models/switch/decoder_tiny.gin',
                  '--gin_file=runs/eval.gin', f"--gin.MODEL_DIR='{tmp_path / 'eval'}'",
                  f"--gin.CHECKPOINT_PATH='{tmp_path}'", '--gin.VOCAB_SIZE=64',
-                 "--gin.ACTIVATION_DTYPE='float32'", "--gin.MIXTURE_OR_TASK_NAME='synthetic_recall'",
+                 "--gin.ACTIVATION_DTYPE='float32'",
+                 "--gin.MIXTURE_OR_TASK_NAME='synthetic_recall'",
                  "--gin.TASK_FEATURE_LENGTHS={'targets': 98}", '--gin.BATCH_SIZE=32',
                  '--gin.MAX_EVAL_BATCHES=1')
   assert not [n for n in NOISE if n in err], err
