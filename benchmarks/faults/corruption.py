@@ -1,0 +1,74 @@
+"""Damaging one file of a committed checkpoint: flipped bytes or a truncation, recorded exactly.
+
+Files are drawn by kind (weights below, then uniformly within the kind), so the array data (with
+the per-process b-tree nodes Orbax keeps beside it), the merged OCDBT index, Orbax's metadata,
+the trainer's sealed meta record and the data iterator's files are all hit, not just the few
+large data files. A pristine copy of the step is kept outside MODEL_DIR
+first, for the independent check (independent.py) and for the record.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import random
+import shutil
+
+# (kind, weight, does this checkpoint-relative path belong to it)
+KINDS = (
+    ('per-process OCDBT data (arrays, b-tree nodes)', 3.0,
+     lambda p: p.parts[0] in ('params', 'opt_state') and p.parts[1].startswith('ocdbt.process_')
+     and 'd' in p.parts),
+    ('merged OCDBT index', 2.0, lambda p: p.parts[0] in ('params', 'opt_state') and
+     (p.name == 'manifest.ocdbt' or p.parts[1] == 'd')),
+    ('Orbax metadata', 2.0, lambda p: p.name in ('_METADATA', '_sharding', '_CHECKPOINT_METADATA')
+     or 'array_metadatas' in p.parts),
+    ('meta record', 1.5, lambda p: p.parts[0] == 'meta' and p.name == 'metadata'),
+    ('data iterator', 1.5, lambda p: p.parts[0] == 'dataset' and p.name != 'commit_success.txt'),
+    ('commit marker', 0.5, lambda p: p.name == 'commit_success.txt'),
+)
+FLIP_PROBABILITY = 0.6  # else truncate
+
+
+def kind_of(relative: pathlib.Path) -> str:
+  for kind, _, belongs in KINDS:
+    if belongs(relative):
+      return kind
+  return 'other'
+
+
+def choose_file(step_dir: pathlib.Path, rng: random.Random) -> pathlib.Path:
+  """A non-empty file of the step, drawn by kind."""
+  files = sorted(p.relative_to(step_dir) for p in step_dir.rglob('*')
+                 if p.is_file() and p.stat().st_size > 0)
+  by_kind: dict[str, list[pathlib.Path]] = {}
+  for f in files:
+    by_kind.setdefault(kind_of(f), []).append(f)
+  kinds = [(k, w) for k, w, _ in KINDS if k in by_kind] + (
+      [('other', 0.5)] if 'other' in by_kind else [])
+  kind = rng.choices([k for k, _ in kinds], weights=[w for _, w in kinds])[0]
+  return step_dir / rng.choice(by_kind[kind])
+
+
+def keep_pristine(step_dir: pathlib.Path, where: pathlib.Path) -> pathlib.Path:
+  shutil.copytree(step_dir, where)
+  return where
+
+
+def damage(path: pathlib.Path, rng: random.Random) -> dict:
+  """Flips 1-64 consecutive bytes (each XORed with a random non-zero byte) at a random offset,
+  or truncates the file to a random shorter length. Returns what was done."""
+  data = bytearray(path.read_bytes())
+  size = len(data)
+  if rng.random() < FLIP_PROBABILITY:
+    count = min(rng.randint(1, 64), size)
+    offset = rng.randrange(0, size - count + 1)
+    masks = bytes(rng.randrange(1, 256) for _ in range(count))
+    for i, mask in enumerate(masks):
+      data[offset + i] ^= mask
+    path.write_bytes(bytes(data))
+    return {'op': 'flip', 'file_size': size, 'offset': offset, 'count': count,
+            'xor_masks': masks.hex()}
+  length = rng.randrange(0, size)
+  with open(path, 'r+b') as f:
+    f.truncate(length)
+  return {'op': 'truncate', 'file_size': size, 'new_size': length}
