@@ -48,6 +48,8 @@ class Config:
   gin_bindings: tuple[str, ...] = ()  # extra bindings for every run (both runs alike)
   run_timeout_s: float = 900.0
   parallel_reference: bool = False  # the reference run beside the first faulty run (faster)
+  save_kill_delay_s: float | None = None  # SIGKILL that long at most after a checkpoint step's
+  # line; None: the median time its saves took from that line to 'saved checkpoint' so far
 
 
 def _fresh_root(path: pathlib.Path) -> pathlib.Path:
@@ -85,7 +87,8 @@ class Benchmark:
     child = Child(argv, self.root / 'logs' / f'{name}.log', self.env)
     record = kill_lib.drive(child, kill, steps=c.steps, every=c.checkpoint_every,
                          checkpoints=model_dir / 'checkpoints', rng=self.kill_rng,
-                         save_delay=self.save_delay, timeout=c.run_timeout_s)
+                         save_delay=(self.save_delay if c.save_kill_delay_s is None else
+                                     c.save_kill_delay_s), timeout=c.run_timeout_s)
     record['name'] = name
     if record['save_latency_s']:
       self.save_delay = statistics.median(record['save_latency_s'])
@@ -164,7 +167,7 @@ class Benchmark:
       record = self._run(f'run{index + 1}', self.root / 'faulty', kill)
       record['run'] = index + 1
       self.runs.append(record)
-      self.events.append({'event': 'run', **{k: v for k, v in record.items()
+      self.events.append({'event': 'run', **{k: v for k, v in _public(record).items()
                                             if k not in ('saved', 'save_latency_s')}})
       self.events += self.ledger.after_run(index + 1, record)
       if not record['as_expected']:
@@ -184,6 +187,8 @@ class Benchmark:
       carried = want - self._inject(want, index + 2) if want else 0
     beside.join()
     reference = box['reference']
+    for record in self.runs:
+      record['diverges_from_reference_at_step'] = _divergence(record, reference)
     self.ledger.never_read()
     final = self.checkpoints / str(c.steps)
     comparison = (independent.compare_final(self.root / 'reference' / 'checkpoints' / str(c.steps),
@@ -217,6 +222,13 @@ class Benchmark:
         'false_alarms': len(ledger.false_alarms),
         'intact_checkpoints_modified': len(ledger.modified),
         'unexpected_exits': sum(not r['as_expected'] for r in self.runs),
+        # The first step whose printed metrics differ from the reference's, run by run: where
+        # a run stopped reproducing the uninterrupted one.
+        'runs_diverging_from_reference': [
+            {'run': r['run'], 'step': r['diverges_from_reference_at_step'],
+             'start_step': r['start_step'], 'resumed_from': r['resumed_from'],
+             'moved_aside': [u['moved_to'].rsplit('/', 1)[-1] for u in r['unreadable']]}
+            for r in self.runs if r['diverges_from_reference_at_step'] is not None],
         'unexplained': ledger.unexplained,
         'bit_identical': comparison['bit_identical'],
         'arrays_compared': comparison['arrays'],
@@ -231,8 +243,20 @@ class Benchmark:
         summary['corruptions_detected'] + summary['corruptions_harmless_not_read'] ==
         summary['corruptions_injected'] and reference['as_expected'])
     return {'summary': summary, 'corruptions': ledger.corruptions, 'lost': ledger.lost,
-            'false_alarms': ledger.false_alarms, 'runs': [reference] + self.runs,
+            'false_alarms': ledger.false_alarms,
+            'runs': [_public(r) for r in [reference] + self.runs],
             'events': self.events}
+
+
+def _public(record: dict) -> dict:
+  return {k: v for k, v in record.items() if not k.startswith('_')}
+
+
+def _divergence(record: dict, reference: dict) -> int | None:
+  for step, text in sorted(record['_metrics'].items()):
+    if reference['_metrics'].get(step) != text:
+      return step
+  return None
 
 
 def _by_kind(corruptions) -> dict[str, dict[str, int]]:
@@ -257,6 +281,9 @@ def print_summary(summary: dict, say=print) -> None:
       ('good checkpoints lost', summary['good_checkpoints_lost']),
       ('false alarms', summary['false_alarms']),
       ('final params + opt_state bit-identical', 'yes' if summary['bit_identical'] else 'NO'),
+      ('runs diverging from the reference', ', '.join(
+          f'run{d["run"]} at step {d["step"]}' for d in summary['runs_diverging_from_reference'])
+       or 'none'),
       ('goal met', 'yes' if summary['goal_met'] else 'NO'),
   ]
   width = max(len(r[0]) for r in rows)
@@ -280,6 +307,9 @@ def main():
                       default=list(kill_lib.KINDS))
   parser.add_argument('--gin_bindings', action='append', default=[],
                       help='extra gin binding for every run, e.g. "BATCH_SIZE = 8"')
+  parser.add_argument('--save_kill_delay_s', type=float, default=None,
+                      help='longest wait after a checkpoint step before a SIGKILL during its '
+                      'save (default: the median save time seen)')
   parser.add_argument('--parallel_reference', action='store_true',
                       help='run the reference beside the first faulty run (faster, but the two '
                       'share the CPU while kills are timed)')
@@ -288,7 +318,8 @@ def main():
                   corruptions=args.corruptions, seed=args.seed, model_dir=args.model_dir,
                   keep_checkpoints=args.keep_checkpoints, kill_kinds=tuple(args.kill_kinds),
                   gin_bindings=tuple(args.gin_bindings),
-                  parallel_reference=args.parallel_reference)
+                  parallel_reference=args.parallel_reference,
+                  save_kill_delay_s=args.save_kill_delay_s)
   results = Benchmark(config).run()
   print_summary(results['summary'])
   from benchmarks import environment  # pylint: disable=g-import-not-at-top

@@ -11,7 +11,7 @@ import random
 import shutil
 
 from benchmarks import fault_injection
-from benchmarks.faults import corruption
+from benchmarks.faults import corruption, kills
 from benchmarks.faults.ledger import Ledger, manifest
 
 
@@ -118,6 +118,14 @@ def test_every_kind_of_checkpoint_file_is_named():
   assert {n: corruption.kind_of(pathlib.Path(n)) for n in names} == names
 
 
+def test_runs_are_compared_by_their_metrics_without_timings():
+  line = ('step 7: loss 4.1320  accuracy 0.0107  grad_norm 0.5502  step_time_s 0.1845  '
+          'tokens_per_s 17000.9058  mfu n/a  moe/fraction_dropped 0.6837  [=====>    ] 7/20  '
+          '35% ETA 0m02s')
+  assert kills.metrics_text(line) == ('loss 4.1320 accuracy 0.0107 grad_norm 0.5502 '
+                                      'moe/fraction_dropped 0.6837')
+
+
 def test_the_benchmark_on_a_tiny_job_ends_bit_identical_with_every_corruption_accounted_for(
     tmp_path):
   # The job runs as `make train` does, on one CPU device (not the 8 the test process emulates).
@@ -128,7 +136,8 @@ def test_the_benchmark_on_a_tiny_job_ends_bit_identical_with_every_corruption_ac
       steps=8, checkpoint_every=2, kills=1, corruptions=2, seed=0,
       model_dir=str(tmp_path / 'faults'), kill_kinds=('sigkill_save',),
       gin_bindings=('BATCH_SIZE = 8', 'trainer.train.eval_dataset = None'),
-      parallel_reference=True, run_timeout_s=300)
+      parallel_reference=True, run_timeout_s=300,
+      save_kill_delay_s=0.1)  # within the 0.3-1 s a save takes here, so the kill lands in it
   results = fault_injection.Benchmark(config, env=env, say=lambda *_: None).run()
   summary = results['summary']
   assert summary['kills_sent']['sigkill_save'] == 1 and summary['restarts'] >= 1, summary

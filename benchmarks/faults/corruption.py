@@ -37,9 +37,10 @@ def kind_of(relative: pathlib.Path) -> str:
 
 
 def choose_file(step_dir: pathlib.Path, rng: random.Random) -> pathlib.Path:
-  """A non-empty file of the step, drawn by kind."""
-  files = sorted(p.relative_to(step_dir) for p in step_dir.rglob('*')
-                 if p.is_file() and p.stat().st_size > 0)
+  """A non-empty file of the step, drawn by kind. Files are ordered by size first: Orbax names
+  data files by random hashes, sizes are the same in every run, so a seed picks the same file."""
+  files = [p.relative_to(step_dir) for _, p in sorted(
+      (p.stat().st_size, p) for p in step_dir.rglob('*') if p.is_file() and p.stat().st_size > 0)]
   by_kind: dict[str, list[pathlib.Path]] = {}
   for f in files:
     by_kind.setdefault(kind_of(f), []).append(f)
