@@ -3,8 +3,8 @@
 damaged (bytes flipped, files truncated) between restarts; it must still end bit-identical to an
 uninterrupted run, with every damaged checkpoint detected and no intact one lost.
 
-  python -m benchmarks.fault_injection [--steps 300] [--checkpoint_every 25] [--kills 9] \
-      [--corruptions 12] [--seed 0] [--model_dir /tmp/efficientlm_fault_injection]
+  python -m benchmarks.fault_injection [--steps 300] [--checkpoint_every 25] [--kills 12] \
+      [--corruptions 16] [--seed 0] [--model_dir /tmp/efficientlm_fault_injection]
 
 Each corruption hits the newest intact-looking checkpoint (the one the next run tries first);
 while the independent check (benchmarks/faults/independent.py) says the damage changes what that
@@ -39,8 +39,8 @@ MAX_FAILED_RUNS = 3
 class Config:
   steps: int = 300
   checkpoint_every: int = 25
-  kills: int = 9  # three of each kind
-  corruptions: int = 12
+  kills: int = 12  # four of each kind
+  corruptions: int = 16
   seed: int = 0
   model_dir: str = '/tmp/efficientlm_fault_injection'
   keep_checkpoints: int | None = None  # None: no step may legitimately disappear
@@ -310,6 +310,8 @@ def main():
   parser.add_argument('--save_kill_delay_s', type=float, default=None,
                       help='longest wait after a checkpoint step before a SIGKILL during its '
                       'save (default: the median save time seen)')
+  parser.add_argument('--results_name', default='fault_injection',
+                      help='writes benchmarks/results/<results_name>_<platform>.json')
   parser.add_argument('--parallel_reference', action='store_true',
                       help='run the reference beside the first faulty run (faster, but the two '
                       'share the CPU while kills are timed)')
@@ -323,7 +325,7 @@ def main():
   results = Benchmark(config).run()
   print_summary(results['summary'])
   from benchmarks import environment  # pylint: disable=g-import-not-at-top
-  path = environment.write('fault_injection', dataclasses.asdict(config), results)
+  path = environment.write(args.results_name, dataclasses.asdict(config), results)
   print(f'wrote {path}')
 
 

@@ -107,7 +107,7 @@ def test_damage_changes_only_what_it_records(tmp_path):
 
 def test_every_kind_of_checkpoint_file_is_named():
   names = {
-      'params/ocdbt.process_0/d/0a1b': 'per-process OCDBT data (arrays, b-tree nodes)',
+      'params/ocdbt.process_0/d/0a1b': 'array data (per-process OCDBT files)',
       'opt_state/d/9f': 'merged OCDBT index', 'params/manifest.ocdbt': 'merged OCDBT index',
       'params/ocdbt.process_0/manifest.ocdbt': 'merged OCDBT index',
       'params/_METADATA': 'Orbax metadata', '_CHECKPOINT_METADATA': 'Orbax metadata',

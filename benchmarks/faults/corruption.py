@@ -1,10 +1,11 @@
 """Damaging one file of a committed checkpoint: flipped bytes or a truncation, recorded exactly.
 
-Files are drawn by kind (weights below, then uniformly within the kind), so the array data (with
-the per-process b-tree nodes Orbax keeps beside it), the merged OCDBT index, Orbax's metadata,
-the trainer's sealed meta record and the data iterator's files are all hit, not just the few
-large data files. A pristine copy of the step is kept outside MODEL_DIR
-first, for the independent check (independent.py) and for the record.
+Files are drawn by kind (weights below), so the array data, the merged OCDBT index, Orbax's
+metadata, the trainer's sealed meta record and the data iterator's files are all hit. Within the
+array data (the per-process OCDBT files: a few large data files and small b-tree nodes, which the
+merged index supersedes) a file is drawn by its size, as a random byte of the data would be; in
+the other kinds every file is equally likely. A pristine copy of the step is kept outside
+MODEL_DIR first, for the independent check (independent.py) and for the record.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import pathlib
 import random
 import shutil
 
+ARRAY_DATA = 'array data (per-process OCDBT files)'
 # (kind, weight, does this checkpoint-relative path belong to it)
 KINDS = (
-    ('per-process OCDBT data (arrays, b-tree nodes)', 3.0,
-     lambda p: p.parts[0] in ('params', 'opt_state') and p.parts[1].startswith('ocdbt.process_')
-     and 'd' in p.parts),
+    (ARRAY_DATA, 3.0, lambda p: p.parts[0] in ('params', 'opt_state') and
+     p.parts[1].startswith('ocdbt.process_') and 'd' in p.parts),
     ('merged OCDBT index', 2.0, lambda p: p.parts[0] in ('params', 'opt_state') and
      (p.name == 'manifest.ocdbt' or p.parts[1] == 'd')),
     ('Orbax metadata', 2.0, lambda p: p.name in ('_METADATA', '_sharding', '_CHECKPOINT_METADATA')
@@ -47,7 +48,8 @@ def choose_file(step_dir: pathlib.Path, rng: random.Random) -> pathlib.Path:
   kinds = [(k, w) for k, w, _ in KINDS if k in by_kind] + (
       [('other', 0.5)] if 'other' in by_kind else [])
   kind = rng.choices([k for k, _ in kinds], weights=[w for _, w in kinds])[0]
-  return step_dir / rng.choice(by_kind[kind])
+  sizes = [(step_dir / f).stat().st_size if kind == ARRAY_DATA else 1 for f in by_kind[kind]]
+  return step_dir / rng.choices(by_kind[kind], weights=sizes)[0]
 
 
 def keep_pristine(step_dir: pathlib.Path, where: pathlib.Path) -> pathlib.Path:
