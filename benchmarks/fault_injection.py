@@ -80,6 +80,7 @@ class Benchmark:
     self.events: list[dict] = []
     self.runs: list[dict] = []
     self.save_delay = 0.3  # replaced by the median save time seen
+    self._templates: dict[str, object] = {}
 
   def _run(self, name: str, model_dir: pathlib.Path, kill) -> dict:
     c = self.config
@@ -117,11 +118,12 @@ class Benchmark:
       step_dir = self.checkpoints / instance.name
       path = corruption.choose_file(step_dir, self.damage_rng)
       relative = path.relative_to(step_dir)
+      item = relative.parts[0] if relative.parts[0] in ITEMS else None
+      template = self._template(item)  # read before anything is damaged
       pristine = corruption.keep_pristine(
           step_dir, self.root / 'pristine' / f'{len(self.ledger.corruptions)}-step{instance.step}')
       what = corruption.damage(path, self.damage_rng)
-      item = relative.parts[0] if relative.parts[0] in ITEMS else None
-      check = independent.compare_item(pristine, step_dir, item)
+      check = independent.compare_item(pristine, step_dir, item, template)
       record = self.ledger.add_corruption(instance, {
           'before_run': before_run, 'file': str(relative), 'kind': corruption.kind_of(relative),
           **what, 'pristine_copy': str(pristine.relative_to(self.root)), 'independent': check})
@@ -132,6 +134,20 @@ class Benchmark:
       if check['verdict'] == 'same':
         break  # the next run resumes from this step; older ones would not be read
     return done
+
+  def _template(self, item: str | None):
+    """An intact checkpoint's `item` arrays (read once): the shapes and shardings onto which the
+    independent check reads a damaged step and its pristine copy, as the trainer reads onto its
+    abstract state."""
+    if item not in independent.ARRAY_ITEMS:
+      return None
+    if item not in self._templates:
+      intact = [i for i in self.ledger.newest_first() if not i.corruptions]
+      source = (self.checkpoints / intact[0].name if intact else
+                max((self.root / 'reference' / 'checkpoints').glob('[0-9]*'),
+                    key=lambda p: int(p.name)))
+      self._templates[item] = independent.read_arrays(source / item)
+    return self._templates[item]
 
   def _undo(self, run: int) -> None:
     """After a failed run: puts back the pristine copies of the damaged steps it may have read,
@@ -213,6 +229,7 @@ class Benchmark:
         'corruptions_harmless_not_read': outcomes.count('harmless'),
         'corruptions_undetected_harmful': outcomes.count('undetected and harmful'),
         'corruptions_never_read': outcomes.count('never read'),
+        'corruptions_accepted_not_judged': outcomes.count('accepted, not judged'),
         'corruptions_that_stopped_the_run': outcomes.count('stopped the run'),
         'detected_although_harmless': sum(
             1 for x in ledger.corruptions
@@ -240,6 +257,7 @@ class Benchmark:
         summary['bit_identical'] and summary['good_checkpoints_lost'] == 0 and
         summary['false_alarms'] == 0 and summary['corruptions_undetected_harmful'] == 0 and
         summary['corruptions_that_stopped_the_run'] == 0 and not ledger.unexplained and
+        summary['corruptions_accepted_not_judged'] == 0 and
         summary['corruptions_detected'] + summary['corruptions_harmless_not_read'] ==
         summary['corruptions_injected'] and reference['as_expected'])
     return {'summary': summary, 'corruptions': ledger.corruptions, 'lost': ledger.lost,
@@ -257,6 +275,14 @@ def _divergence(record: dict, reference: dict) -> int | None:
     if reference['_metrics'].get(step) != text:
       return step
   return None
+
+
+def _first_divergence(diverging: list[dict]) -> str:
+  if not diverging:
+    return 'none'
+  first = diverging[0]
+  return (f'run{first["run"]} at step {first["step"]} (resumed from {first["resumed_from"]}, '
+          f'moved aside {first["moved_aside"]}); {len(diverging)} run(s) in all')
 
 
 def _by_kind(corruptions) -> dict[str, dict[str, int]]:
@@ -278,12 +304,12 @@ def print_summary(summary: dict, say=print) -> None:
       ('  undetected and harmful', summary['corruptions_undetected_harmful']),
       ('  never read by a later run', summary['corruptions_never_read']),
       ('  stopped the run', summary['corruptions_that_stopped_the_run']),
+      ('  accepted, not judged', summary['corruptions_accepted_not_judged']),
       ('good checkpoints lost', summary['good_checkpoints_lost']),
       ('false alarms', summary['false_alarms']),
       ('final params + opt_state bit-identical', 'yes' if summary['bit_identical'] else 'NO'),
-      ('runs diverging from the reference', ', '.join(
-          f'run{d["run"]} at step {d["step"]}' for d in summary['runs_diverging_from_reference'])
-       or 'none'),
+      ('first run diverging from the reference', _first_divergence(
+          summary['runs_diverging_from_reference'])),
       ('goal met', 'yes' if summary['goal_met'] else 'NO'),
   ]
   width = max(len(r[0]) for r in rows)

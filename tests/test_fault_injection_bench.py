@@ -11,7 +11,7 @@ import random
 import shutil
 
 from benchmarks import fault_injection
-from benchmarks.faults import corruption, kills
+from benchmarks.faults import corruption, independent, kills
 from benchmarks.faults.ledger import Ledger, manifest
 
 
@@ -108,14 +108,49 @@ def test_damage_changes_only_what_it_records(tmp_path):
 def test_every_kind_of_checkpoint_file_is_named():
   names = {
       'params/ocdbt.process_0/d/0a1b': 'array data (per-process OCDBT files)',
-      'opt_state/d/9f': 'merged OCDBT index', 'params/manifest.ocdbt': 'merged OCDBT index',
-      'params/ocdbt.process_0/manifest.ocdbt': 'merged OCDBT index',
+      'opt_state/d/9f': 'OCDBT index', 'params/manifest.ocdbt': 'OCDBT index',
+      'params/ocdbt.process_0/manifest.ocdbt': 'OCDBT index',
       'params/_METADATA': 'Orbax metadata', '_CHECKPOINT_METADATA': 'Orbax metadata',
       'opt_state/array_metadatas/process_0': 'Orbax metadata', 'meta/metadata': 'meta record',
       'dataset/process_0/iterator.index': 'data iterator',
       'dataset/SHA256SUMS.process_0.json': 'data iterator',
       'params/commit_success.txt': 'commit marker'}
   assert {n: corruption.kind_of(pathlib.Path(n)) for n in names} == names
+
+
+def _orbax_item(path, seed):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  tree = {'kernel': jnp.asarray(rng.normal(size=(256, 64)), jnp.float32),
+          'scale': jnp.asarray(rng.normal(size=(64,)), jnp.float32)}
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path / 'params', tree)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+
+
+def test_the_independent_read_judges_damage_against_the_pristine_copy(tmp_path):
+  _orbax_item(tmp_path / 'intact', 0)
+  template = independent.read_arrays(tmp_path / 'intact' / 'params')
+  for name in ('pristine', 'damaged', 'other'):
+    _orbax_item(tmp_path / name, 1)
+  # An earlier corruption the trainer's restore never reads (it restores onto its own shardings)
+  # left the pristine copy's _sharding unparsable: the copy is still the reference.
+  for name in ('pristine', 'damaged'):
+    (tmp_path / name / 'params' / '_sharding').write_text('{not json')
+  assert independent.compare_item(tmp_path / 'pristine', tmp_path / 'damaged', 'params',
+                                  template)['verdict'] == 'same'
+  data = max((p for p in (tmp_path / 'damaged' / 'params').rglob('*') if p.is_file()),
+             key=lambda p: p.stat().st_size)
+  damage = bytearray(data.read_bytes())
+  damage[len(damage) // 2] ^= 0x40
+  data.write_bytes(bytes(damage))
+  assert independent.compare_item(tmp_path / 'pristine', tmp_path / 'damaged', 'params',
+                                  template)['verdict'] == 'differs'
+  assert independent.compare_item(tmp_path / 'pristine', tmp_path / 'damaged', None,
+                                  template)['verdict'] == 'same'  # a file outside the items
 
 
 def test_runs_are_compared_by_their_metrics_without_timings():

@@ -1,7 +1,7 @@
 """Damaging one file of a committed checkpoint: flipped bytes or a truncation, recorded exactly.
 
-Files are drawn by kind (weights below), so the array data, the merged OCDBT index, Orbax's
-metadata, the trainer's sealed meta record and the data iterator's files are all hit. Within the
+Files are drawn by kind (weights below), so the array data, the OCDBT index (the merged one the
+restore reads, and the per-process manifests it supersedes), Orbax's metadata, the trainer's sealed meta record and the data iterator's files are all hit. Within the
 array data (the per-process OCDBT files: a few large data files and small b-tree nodes, which the
 merged index supersedes) a file is drawn by its size, as a random byte of the data would be; in
 the other kinds every file is equally likely. A pristine copy of the step is kept outside
@@ -19,7 +19,7 @@ ARRAY_DATA = 'array data (per-process OCDBT files)'
 KINDS = (
     (ARRAY_DATA, 3.0, lambda p: p.parts[0] in ('params', 'opt_state') and
      p.parts[1].startswith('ocdbt.process_') and 'd' in p.parts),
-    ('merged OCDBT index', 2.0, lambda p: p.parts[0] in ('params', 'opt_state') and
+    ('OCDBT index', 2.0, lambda p: p.parts[0] in ('params', 'opt_state') and
      (p.name == 'manifest.ocdbt' or p.parts[1] == 'd')),
     ('Orbax metadata', 2.0, lambda p: p.name in ('_METADATA', '_sharding', '_CHECKPOINT_METADATA')
      or 'array_metadatas' in p.parts),

@@ -89,14 +89,23 @@ def _read_item(step_dir: pathlib.Path, item: str, like=None):
   raise ValueError(item)
 
 
-def compare_item(pristine: pathlib.Path, damaged: pathlib.Path, item: str | None) -> dict:
-  """{'verdict': 'same' | 'differs' | 'unreadable', 'detail': ...} of the damaged step's `item`
-  against the pristine copy's; item None (a file outside every item) is the same."""
+def compare_item(pristine: pathlib.Path, damaged: pathlib.Path, item: str | None,
+                 template=None) -> dict:
+  """{'verdict': 'same' | 'differs' | 'unreadable' | 'unknown', 'detail': ...} of the damaged
+  step's `item` against the pristine copy's; item None (a file outside every item) is the same.
+  Arrays are read onto `template`'s shapes and shardings (an intact checkpoint's item, read
+  without one): the pristine copy may carry an earlier, harmless corruption of a file only a
+  read without a target consults (Orbax's _sharding)."""
   if item is None:
     return {'verdict': 'same', 'detail': 'a file outside every item the restore reads'}
-  good = _read_item(pristine, item)
+  like = template if item in ARRAY_ITEMS else None
   try:
-    bad = _read_item(damaged, item, like=good if item in ARRAY_ITEMS else None)
+    good = _read_item(pristine, item, like=like)
+  except Exception as e:  # pylint: disable=broad-except
+    return {'verdict': 'unknown', 'detail': f'the pristine copy is unreadable too: '
+                                            f'{type(e).__name__}: {_brief(str(e))}'}
+  try:
+    bad = _read_item(damaged, item, like=like)
   except Exception as e:  # pylint: disable=broad-except
     return {'verdict': 'unreadable', 'detail': f'{type(e).__name__}: {_brief(str(e))}'}
   if item in ARRAY_ITEMS:

@@ -6,8 +6,8 @@ After each run (`after_run`):
   against the directory): one carrying a corruption not yet read -> that corruption is detected;
   one carrying none -> a false alarm (an intact checkpoint declared unreadable; also a loss);
 - the instance it resumed from: a corruption on it not yet read -> harmless if the independent
-  check found its item restores as the pristine copy's, else undetected and harmful (a trainer
-  bug). Steps older than the one resumed from were not read: their corruptions stay pending;
+  check found its item restores as the pristine copy's, undetected and harmful (a trainer bug)
+  if it found otherwise, 'accepted, not judged' if it could not read the pristine copy either. Steps older than the one resumed from were not read: their corruptions stay pending;
 - every intact instance must still be there, byte for byte (sha256 of every file): one that is
   gone is a lost checkpoint, unless the keep-last-N policy removed it (N newer steps exist);
 - new step directories (committed: `<digits>`) are entered as intact instances.
@@ -98,8 +98,9 @@ class Ledger:
     resumed = record['resumed_from']
     if resumed is not None and resumed in live:
       for c in self._pending(live[resumed]):
-        harmful = c['independent']['verdict'] != 'same'
-        c.update(outcome='undetected and harmful' if harmful else 'harmless', read_in_run=run)
+        verdict = c['independent']['verdict']
+        c.update(outcome={'same': 'harmless', 'unknown': 'accepted, not judged'}.get(
+            verdict, 'undetected and harmful'), read_in_run=run)
         events.append({'event': c['outcome'], 'run': run, 'corruption': c['id'],
                        'step': resumed})
     elif resumed is not None:
