@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -28,7 +29,20 @@ def _orbax():
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from efficientlm.training import orbax_noise  # pylint: disable=g-import-not-at-top
   orbax_noise.install()  # a failed read's late tensorstore callbacks: output only, no logic
+  if sys.unraisablehook is not _quiet_hook:
+    _previous_hook[0] = sys.unraisablehook
+    sys.unraisablehook = _quiet_hook
   return ocp
+
+
+_previous_hook = [sys.unraisablehook]
+
+
+def _quiet_hook(unraisable):
+  """Drops the per-array read coroutines a failed read leaves behind (their error is the read's,
+  already reported as its verdict); anything else goes to the previous hook."""
+  if getattr(unraisable.object, '__name__', '') != '_read_array_index_and_device_put':
+    _previous_hook[0](unraisable)
 
 
 def read_arrays(item_dir: pathlib.Path, like=None):
