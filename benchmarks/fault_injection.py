@@ -11,7 +11,7 @@ while the independent check (benchmarks/faults/independent.py) says the damage c
 step restores to, the next one goes to the step the run will fall back to, else waits for the
 next restart. Corruptions left when the job has finished go to its final checkpoints, followed by
 one more run of the same command. Prints a summary; writes benchmarks/results/fault_injection_
-<platform>.json with the config, the summary and every event. About 10-15 minutes on 2 CPU cores.
+<platform>.json with the config, the summary and every event. 7-12 minutes on 2 busy CPU cores.
 """
 
 from __future__ import annotations

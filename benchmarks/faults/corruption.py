@@ -1,10 +1,11 @@
 """Damaging one file of a committed checkpoint: flipped bytes or a truncation, recorded exactly.
 
 Files are drawn by kind (weights below), so the array data, the OCDBT index (the merged one the
-restore reads, and the per-process manifests it supersedes), Orbax's metadata, the trainer's sealed meta record and the data iterator's files are all hit. Within the
-array data (the per-process OCDBT files: a few large data files and small b-tree nodes, which the
-merged index supersedes) a file is drawn by its size, as a random byte of the data would be; in
-the other kinds every file is equally likely. A pristine copy of the step is kept outside
+restore reads, and the per-process manifests it supersedes), Orbax's metadata, the trainer's
+sealed meta record and the data iterator's files are all hit. Within the array data (the
+per-process OCDBT files: a few large data files and small b-tree nodes, which the merged index
+supersedes) a file is drawn by its size, as a random byte of the data would be; in the other
+kinds every file is equally likely. A pristine copy of the step is kept outside
 MODEL_DIR first, for the independent check (independent.py) and for the record.
 """
 

@@ -7,7 +7,8 @@ After each run (`after_run`):
   one carrying none -> a false alarm (an intact checkpoint declared unreadable; also a loss);
 - the instance it resumed from: a corruption on it not yet read -> harmless if the independent
   check found its item restores as the pristine copy's, undetected and harmful (a trainer bug)
-  if it found otherwise, 'accepted, not judged' if it could not read the pristine copy either. Steps older than the one resumed from were not read: their corruptions stay pending;
+  if it found otherwise, 'accepted, not judged' if it could not read the pristine copy either.
+  Steps older than the one resumed from were not read: their corruptions stay pending;
 - every intact instance must still be there, byte for byte (sha256 of every file): one that is
   gone is a lost checkpoint, unless the keep-last-N policy removed it (N newer steps exist);
 - new step directories (committed: `<digits>`) are entered as intact instances.
