@@ -161,12 +161,14 @@ def _chain(error: BaseException):
 
 
 def _brief(error: BaseException, limit: int = 400) -> str:
-  """One line: the error's type and text, its middle cut (storage errors put the path first and
-  the operating system's reason last)."""
-  text = ' '.join(str(error).split()).rstrip('.')
+  """One line: the innermost cause's type and text (Orbax wraps storage errors in messages that
+  name its own methods), its middle cut (storage errors put the path first and the operating
+  system's reason last)."""
+  root = list(_chain(error))[-1]
+  text = ' '.join(str(root).split()).rstrip('.')
   if len(text) > limit:
     text = f'{text[:limit // 2]} ... {text[-limit // 2:]}'
-  return f'{type(error).__name__}: {text}'
+  return f'{type(root).__name__}: {text}'
 
 
 @dataclasses.dataclass
@@ -300,11 +302,6 @@ class Checkpointer:
     self._check_fits(step_dir, meta, trees)
 
     items = {name: ocp.args.StandardRestore(tree) for name, tree in trees.items()}
-    wants_data = iterator is not None and _savable(iterator) and kind == 'training'
-    if wants_data:
-      if 'dataset' not in meta['items']:
-        raise UnreadableCheckpoint('it has no data iterator position to resume from')
-      items['dataset'] = DataIteratorRestore(iterator)
     restored = self._read(step_dir, lambda: self.manager.restore(
         step, args=ocp.args.Composite(**items)))
     arrays = {name: restored[name] for name in trees}
@@ -317,6 +314,13 @@ class Checkpointer:
                                    f'({", ".join(bad[:4])}{" ..." if len(bad) > 4 else ""})')
     if not finite:
       raise UnreadableCheckpoint('it holds non-finite values')
+    # The data position last, once the arrays are known good: a damaged step never moves the
+    # caller's iterator (its files are checked before the iterator restores from them).
+    if iterator is not None and _savable(iterator) and kind == 'training':
+      if 'dataset' not in meta['items']:
+        raise UnreadableCheckpoint('it has no data iterator position to resume from')
+      self._read(step_dir, lambda: self.manager.restore(
+          step, args=ocp.args.Composite(dataset=DataIteratorRestore(iterator))))
     if kind == 'parameters':
       log(f'Checkpoint {step_dir} has parameters only (upcycled or converted): the optimizer '
           'state starts fresh and the data from the beginning.')

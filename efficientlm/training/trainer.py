@@ -153,9 +153,14 @@ def train(*,
     checkpointer = ckpt_lib.Checkpointer(model_dir / 'checkpoints', keep_checkpoints,
                                          keep_checkpoints_every, async_checkpointing)
     cleanup.callback(checkpointer.close)
+    had_checkpoints = bool(checkpointer.steps())
     with (metrics_lib.phase(f'reading the newest good checkpoint in {checkpointer.directory}')
-          if checkpointer.steps() else contextlib.nullcontext()):
+          if had_checkpoints else contextlib.nullcontext()):
       restored = checkpointer.restore_latest(abstract.params, abstract.opt_state, iterator)
+    if had_checkpoints and (restored is None or restored.opt_state is None):
+      # Starting the data from its beginning: a fresh iterator, whatever a step set aside as
+      # damaged may have done to this one.
+      iterator = make_iterator(train_dataset, model.feature_converter)
     if restored is not None:
       start, params, opt_state = restored.step, restored.params, restored.opt_state
       log(f'resumed from {model_dir / "checkpoints" / str(start)}')

@@ -103,6 +103,22 @@ def test_flipped_bytes_fall_back_rewrite_the_step_and_end_bit_identical(tmp_path
   assert 'unreadable' not in capsys.readouterr().out
 
 
+def test_a_fall_back_to_scratch_starts_the_data_from_its_beginning(tmp_path, capsys):
+  """Found by benchmarks/fault_injection.py: the damaged step's data position used to be restored
+  before its arrays were found damaged, so a run falling back to scratch skipped ahead."""
+  tiny_run.train(tmp_path / 'straight', 10, model=tiny_run.wide_model())
+  tiny_run.train(tmp_path / 'damaged', 10, model=tiny_run.wide_model())
+  data_file = _largest_file(tmp_path / 'damaged' / 'checkpoints' / '10' / 'params')
+  _flip(data_file, data_file.stat().st_size // 2)
+  capsys.readouterr()
+  log = []
+  tiny_run.train(tmp_path / 'damaged', 10, model=tiny_run.wide_model(), log=log)
+  assert 'No older checkpoint: starting from scratch' in capsys.readouterr().out
+  assert log == list(range(10))
+  jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / 'damaged', 10),
+               _params(tmp_path / 'straight', 10))
+
+
 def test_a_second_process_on_the_same_model_dir_is_refused_at_once(tmp_path):
   first = _tiny_run(tmp_path, 400, delay=0.05)
   try:
