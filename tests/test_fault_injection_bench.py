@@ -13,6 +13,7 @@ import shutil
 from benchmarks import fault_injection
 from benchmarks.faults import corruption, independent, kills
 from benchmarks.faults.ledger import Ledger, manifest
+from efficientlm.training import metrics
 
 
 def _step(checkpoints, step, content=b'x' * 100):
@@ -154,11 +155,12 @@ def test_the_independent_read_judges_damage_against_the_pristine_copy(tmp_path):
 
 
 def test_runs_are_compared_by_their_metrics_without_timings():
-  line = ('step 7: loss 4.1320  accuracy 0.0107  grad_norm 0.5502  step_time_s 0.1845  '
-          'tokens_per_s 17000.9058  mfu n/a  moe/fraction_dropped 0.6837  [=====>    ] 7/20  '
-          '35% ETA 0m02s')
-  assert kills.metrics_text(line) == ('loss 4.1320 accuracy 0.0107 grad_norm 0.5502 '
-                                      'moe/fraction_dropped 0.6837')
+  line = metrics.train_line(7, {'loss': 4.132, 'accuracy': 0.0107, 'step_time_s': 0.1845,
+                                 'tokens_per_s': 17000.9, 'mfu': 0.41}, '7/20 35% ETA 0m02s')
+  assert kills.metrics_text(line) == 'loss 4.1320 accuracy 0.0107'
+  slower = metrics.train_line(7, {'loss': 4.132, 'accuracy': 0.0107, 'step_time_s': 0.3,
+                                  'tokens_per_s': 9000.0, 'mfu': 0.2}, '7/20 35% ETA 0m05s')
+  assert kills.metrics_text(slower) == kills.metrics_text(line)
 
 
 def test_the_benchmark_on_a_tiny_job_ends_bit_identical_with_every_corruption_accounted_for(

@@ -69,11 +69,10 @@ def _save_state(checkpoints: pathlib.Path, step: int) -> str:
 
 
 def metrics_text(line: str) -> str:
-  """A progress line's training metrics (loss ... grad_norm, MoE statistics), without timings:
-  equal between two runs of the same step only if they trained alike."""
-  tokens = line.split(':', 1)[1].split(' [')[0].split()  # name value pairs, then the bar
-  return ' '.join(f'{name} {value}' for name, value in zip(tokens[::2], tokens[1::2])
-                  if name not in ('step_time_s', 'tokens_per_s', 'mfu'))
+  """A progress line's training metrics (loss and accuracy, as printed), without timings or
+  progress: equal between two runs of the same step only if they trained alike."""
+  match = re.match(r'step \d+: (loss \S+)\s+(accuracy \S+)', line)
+  return f'{match.group(1)} {match.group(2)}' if match else line
 
 
 def drive(child: Child, kill: Kill | None, *, steps: int, every: int, checkpoints: pathlib.Path,
