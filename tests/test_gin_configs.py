@@ -158,9 +158,11 @@ RECALL = ['runs/recall_tiny.gin']
     ('SCAN_LAYERS = 1', 'SCAN_LAYERS = 1 is bound to model_config.TransformerConfig.scan_layers, '
      'which expects True or False'),  # a bool is no int, nor an int a bool
     ('trainer.train.log_every = True', 'trainer.train.log_every = True, but it expects an int'),
-    ('MAX_EVAL_BATCHES = 0.5', 'MAX_EVAL_BATCHES = 0.5 .* expects an int or None'),
-    ('MODEL_DIR = 7', 'MODEL_DIR = 7 is bound to trainer.train.model_dir, which expects a string: '
-     'e.g. --gin.MODEL_DIR="\'7\'"'),
+    ('MAX_EVAL_BATCHES = 0.5', 'MAX_EVAL_BATCHES = 0.5 is bound to trainer.train.max_eval_batches '
+     'and evaluation.evaluate.max_eval_batches, which expect an int or None'),
+    ('MODEL_DIR = 7', 'MODEL_DIR = 7 is bound to trainer.train.model_dir and '
+     'evaluation.evaluate.checkpoint_path, which expect a string: e.g. --gin.MODEL_DIR="\'7\'"\n'
+     'MODEL_DIR = 7 is bound to evaluation.evaluate.model_dir, which expects a string or None'),
     ('train/data_config.DatasetConfig.batch_size = [8]',
      r"train/data_config.DatasetConfig.batch_size = \[8\], but it expects an int"),
 ])

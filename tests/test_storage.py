@@ -10,6 +10,8 @@ import pytest
 from efficientlm import storage
 from efficientlm.training import checkpoints as ckpt_lib
 from efficientlm.training import metrics as metrics_lib
+from efficientlm.training import run_lock
+from efficientlm.training import trainer
 from tests.training import tiny_run
 
 
@@ -28,23 +30,47 @@ class _Reached(Exception):
   pass
 
 
-def test_trainer_opens_checkpoints_and_event_files_under_the_gs_url(monkeypatch):
-  """The trainer hands Orbax and TensorBoard gs:// paths (no bucket here: it stops at the
-  checkpointer, after both metric writers are made)."""
-  logs, checkpoints = [], []
+def test_trainer_opens_checkpoints_and_event_files_under_the_gs_url(monkeypatch, tmp_path):
+  """The trainer hands the run lock, Orbax, the gin config and TensorBoard gs:// paths (no bucket
+  here: the lock's kvstore is a local directory, the rest are recorded; the run stops once the
+  second event writer is made)."""
+  opened, locks = [], []
 
   class Writer:
 
     def __init__(self, log_dir, enabled=None):
-      logs.append(str(log_dir))
+      opened.append(('events', str(log_dir)))
+      if str(log_dir).endswith('eval'):
+        raise _Reached
 
-  def checkpointer(directory, *args):
-    checkpoints.append(str(storage.as_path(directory)))
-    raise _Reached
+  class Checkpointer:
 
+    def __init__(self, directory, *args):
+      opened.append(('checkpoints', str(storage.as_path(directory))))
+
+    def steps(self):
+      return []
+
+    def restore_latest(self, *args):
+      return None
+
+    def close(self):
+      pass
+
+  def kvstore_spec(url):
+    locks.append(url)
+    return {'driver': 'file', 'path': str(tmp_path) + '/'}
+
+  monkeypatch.setattr(run_lock, '_kvstore_spec', kvstore_spec)
   monkeypatch.setattr(metrics_lib, 'MetricWriter', Writer)
-  monkeypatch.setattr(ckpt_lib, 'Checkpointer', checkpointer)
+  monkeypatch.setattr(ckpt_lib, 'Checkpointer', Checkpointer)
+  monkeypatch.setattr(trainer, '_write_gin_config',
+                      lambda model_dir, name, *_: opened.append(('gin', str(model_dir / name))))
   with pytest.raises(_Reached):
     tiny_run.train('gs://bucket/run', 1)
-  assert logs == ['gs://bucket/run/train', 'gs://bucket/run/eval']
-  assert checkpoints == ['gs://bucket/run/checkpoints']
+  assert opened == [('checkpoints', 'gs://bucket/run/checkpoints'),
+                    ('gin', 'gs://bucket/run/config.gin'), ('events', 'gs://bucket/run/train'),
+                    ('events', 'gs://bucket/run/eval'),
+                    ('gin', 'gs://bucket/run/operative_config.gin')]
+  assert locks == ['gs://bucket/run/']
+  assert not (tmp_path / run_lock.LOCK_NAME).exists()  # taken, then released

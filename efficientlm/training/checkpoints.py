@@ -209,6 +209,7 @@ class Checkpointer:
     self.finish()  # one save in flight; also surfaces the previous one's errors
     if step in self.manager.all_steps():
       return False
+    orbax_noise.new_operation()
     arrays = {'params': params} if opt_state is None else {'params': params,
                                                            'opt_state': opt_state}
     table, _ = integrity.describe(arrays)
@@ -270,6 +271,7 @@ class Checkpointer:
     if there is none. Damaged steps are reported, moved aside and the previous one tried; a
     checkpoint of another configuration raises CheckpointMismatchError, a storage error that
     outlasts the retries CheckpointReadError."""
+    orbax_noise.new_operation()
     for step in reversed(self.steps()):
       damage = None
       try:

@@ -2,8 +2,8 @@
 
 `MODEL_DIR/RUN_LOCK` is a JSON record (host, pid, start time, command, a random token, and a
 heartbeat time a background thread refreshes every `refresh_s`). It is created exclusively:
-O_CREAT | O_EXCL on a local disk, a generation-0 precondition on Cloud Storage (gs://), so of
-two processes starting at once exactly one gets it; the other stops at once with a RunLockedError
+O_CREAT | O_EXCL on a local disk, a write conditioned on the object's absence on Cloud Storage
+(gs://, through tensorstore's kvstore: a generation-0 precondition), so of two processes starting at once exactly one gets it; the other stops at once with a RunLockedError
 naming the holder. A multi-host job is one run: only process 0 takes the lock.
 
 A lock is stale, and taken over with a message, when its holder is on this host and its process
@@ -29,7 +29,7 @@ from typing import Any
 from etils import epath
 
 from efficientlm import storage
-from efficientlm.errors import RunLockedError
+from efficientlm.errors import RunError, RunLockedError
 
 LOCK_NAME = 'RUN_LOCK'
 
@@ -84,36 +84,53 @@ class _LocalFile:
       self.path.unlink()
 
 
-class _GcsObject:
-  """Exclusive create / replace through Cloud Storage generation preconditions."""
+def _kvstore_spec(url: str) -> str | dict:
+  """The tensorstore kvstore holding `url`'s directory (tests point it at a local one)."""
+  return url
+
+
+class _KvStoreObject:
+  """Exclusive create on object storage (gs://), through tensorstore, the library Orbax writes
+  the checkpoints with: a write conditioned on the object not existing (on Cloud Storage,
+  x-goog-if-generation-match: 0), which exactly one of two racing writers wins."""
 
   def __init__(self, path: epath.Path):
-    # pylint: disable=g-import-not-at-top  (the tpu extra installs google-cloud-storage)
-    from google.api_core import exceptions
-    from google.cloud import storage as gcs
-    bucket, _, name = str(path)[len('gs://'):].partition('/')
-    self.blob = gcs.Client().bucket(bucket).blob(name)
-    self._exists = exceptions.PreconditionFailed
+    import tensorstore as ts  # pylint: disable=g-import-not-at-top
+    directory, _, self.key = str(path).rpartition('/')
+    self.url = str(path)
+    try:
+      self.store = ts.KvStore.open(_kvstore_spec(directory + '/')).result()
+    except Exception as e:  # pylint: disable=broad-except  (bad URL, no credentials)
+      raise self._error(e) from e
+
+  def _error(self, error: Exception) -> RunError:
+    return RunError(f'Cannot use the run lock {self.url} ({type(error).__name__}: {error}). '
+                    'Check that the bucket exists and that this machine may write to it.')
+
+  def _call(self, operation, *args, **kwargs):
+    try:
+      return operation(*args, **kwargs).result()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._error(e) from e
 
   def create(self, text: str) -> bool:
-    try:
-      self.blob.upload_from_string(text, if_generation_match=0)
-    except self._exists:
+    missing = self._call(self.store.read, self.key)
+    if missing.state != 'missing':
       return False
-    return True
+    # A failed condition is no error: it returns an empty generation.
+    written = self._call(self.store.write, self.key, text.encode(),
+                         if_equal=missing.stamp.generation)
+    return bool(written.generation)
 
   def read(self) -> str | None:
-    try:
-      return self.blob.download_as_text()
-    except Exception:  # pylint: disable=broad-except  (NotFound)
-      return None
+    result = self._call(self.store.read, self.key)
+    return result.value.decode() if result.state == 'value' else None
 
   def replace(self, text: str) -> None:
-    self.blob.upload_from_string(text)
+    self._call(self.store.write, self.key, text.encode())
 
   def delete(self) -> None:
-    with contextlib.suppress(Exception):
-      self.blob.delete()
+    self._call(self.store.write, self.key, None)
 
 
 class RunLock:
@@ -127,7 +144,8 @@ class RunLock:
     self.purpose = purpose
     self.token = uuid.uuid4().hex
     self.lost = False
-    self._file = _GcsObject(self.path) if storage.is_url(directory) else _LocalFile(self.path)
+    self._file = (_KvStoreObject(self.path) if storage.is_url(directory) else
+                  _LocalFile(self.path))
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._started = _now()
@@ -164,7 +182,8 @@ class RunLock:
             f'{_now() - float(holder.get("heartbeat", 0)):.0f} s ago')
 
   def acquire(self) -> None:
-    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(self._file, _LocalFile):  # object stores have no directories to make
+      self.path.parent.mkdir(parents=True, exist_ok=True)
     if self._file.create(json.dumps(self._record())):
       return self._start_heartbeat()
     holder = self.holder()

@@ -1,4 +1,4 @@
-"""MODEL_DIR's run lock on a local disk: exclusive, stale after its holder dies, taken over on
+"""MODEL_DIR's run lock on a local disk and on object storage: exclusive, stale after its holder dies, taken over on
 request, lost by a holder whose lock was taken over. (Two real training processes on one MODEL_DIR
 are in test_run_safety.py.)"""
 
@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -82,3 +83,65 @@ def test_a_holder_whose_lock_was_taken_over_knows_and_leaves_it_alone(tmp_path):
   assert _holder(tmp_path)['token'] == second.token
   second.release()
   assert not (tmp_path / run_lock.LOCK_NAME).exists()
+
+
+# --- the same rules on object storage (gs://), through tensorstore's kvstore ---------------------
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """gs://bucket/run backed by tensorstore's file driver: the lock's own code, every call it makes
+  to the kvstore included; only the driver under it differs from Cloud Storage's."""
+  root = tmp_path / 'bucket'
+  monkeypatch.setattr(run_lock, '_kvstore_spec',
+                      lambda url: {'driver': 'file', 'path': str(root) + '/' +
+                                   url[len('gs://bucket/'):]})
+  return root
+
+
+def test_object_storage_one_holder_at_a_time_and_released_on_exit(bucket):
+  with run_lock.hold('gs://bucket/run') as lock:
+    assert _holder(bucket / 'run')['token'] == lock.token
+    with pytest.raises(RunLockedError, match='gs://bucket/run is in use by another run'):
+      run_lock.RunLock('gs://bucket/run').acquire()
+    assert lock.verify()
+  assert not (bucket / 'run' / run_lock.LOCK_NAME).exists()
+
+
+def test_object_storage_stale_and_taken_over_locks(bucket, capsys):
+  (bucket / 'run').mkdir(parents=True)
+  _write_lock(bucket / 'run', host='tpu-worker-7', pid=4242, heartbeat=time.time() - 3600)
+  with run_lock.hold('gs://bucket/run') as lock:
+    assert 'its heartbeat is 3600 s old' in capsys.readouterr().out
+    _write_lock(bucket / 'run', host='tpu-worker-7', pid=4242)  # taken over behind its back
+    assert not lock.verify()
+  assert _holder(bucket / 'run')['token'] == 'theirs'  # the new holder's lock is left alone
+
+
+def test_object_storage_exactly_one_of_racing_creators_wins(bucket):
+  """The create is one conditional write: of 8 threads with their own stores, one wins."""
+  (bucket / 'run').mkdir(parents=True)
+  for attempt in range(5):
+    objects = [run_lock._KvStoreObject(  # pylint: disable=protected-access
+        run_lock.storage.as_path(f'gs://bucket/run/LOCK{attempt}')) for _ in range(8)]
+    barrier = threading.Barrier(len(objects))
+    won = []
+
+    def create(obj, i):
+      barrier.wait()
+      if obj.create(f'holder {i}'):
+        won.append(i)
+
+    threads = [threading.Thread(target=create, args=(obj, i)) for i, obj in enumerate(objects)]
+    for thread in threads:
+      thread.start()
+    for thread in threads:
+      thread.join()
+    assert len(won) == 1, won
+    assert (bucket / 'run' / f'LOCK{attempt}').read_text() == f'holder {won[0]}'
+
+
+def test_object_storage_that_cannot_be_reached_is_one_clear_error(monkeypatch):
+  monkeypatch.setattr(run_lock, '_kvstore_spec', lambda url: {'driver': 'no-such-driver'})
+  with pytest.raises(run_lock.RunError, match='Cannot use the run lock gs://bucket/run/RUN_LOCK'):
+    run_lock.RunLock('gs://bucket/run')
