@@ -36,6 +36,7 @@ def test_typo_in_a_binding_is_named(tmp_path):
                '--gin.trainer.train.totl_steps=5'])
 
 
+@pytest.mark.slow
 def test_train_then_eval_end_to_end(tmp_path, capsys):
   results = main.main(TINY_RUN + [f"--gin.MODEL_DIR='{tmp_path}'"])
   assert 'eval/synthetic_recall/accuracy' in results

@@ -8,6 +8,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import seqio
 
 from efficientlm import gin_config, main, partitioning
@@ -43,6 +44,7 @@ def _flags(tmp_path, prompt_file, *extra):
           *extra]
 
 
+@pytest.mark.slow
 def test_infer_writes_greedy_predictions_and_resumes(tmp_path):
   model, params = _checkpoint(tmp_path)
   prompt_file = tmp_path / 'prompts.txt'

@@ -19,8 +19,11 @@ TOTAL_DEVICES = 8
 def main(argv):
   directory, steps, delay, process_id, num_processes, port = argv[:6]
   num_processes = int(num_processes)
-  os.environ['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count='
-                             f'{TOTAL_DEVICES // num_processes}')
+  # The test's own XLA flags (tests/conftest.py), with this process's share of the devices.
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count=')]
+  os.environ['XLA_FLAGS'] = ' '.join(
+      flags + [f'--xla_force_host_platform_device_count={TOTAL_DEVICES // num_processes}'])
   from efficientlm import distributed, partitioning  # pylint: disable=g-import-not-at-top
   from tests.training import tiny_run  # pylint: disable=g-import-not-at-top
   distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=num_processes,

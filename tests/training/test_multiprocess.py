@@ -19,6 +19,8 @@ from efficientlm.training import checkpoints
 from tests.training import tiny_run
 from tests.training.test_trainer import _latest_params
 
+pytestmark = pytest.mark.slow  # every test here runs for 10 s or more
+
 ROOT = pathlib.Path(__file__).parents[2]
 STEPS = 12
 # The processes reduce gradients over gloo, one process inside XLA: summation order differs.
