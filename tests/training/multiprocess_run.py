@@ -1,11 +1,12 @@
 """The tiny training run as one of several processes on this machine (jax.distributed over
 localhost, CPU devices split between the processes):
 
-  python -m tests.training.multiprocess_run DIR STEPS DELAY PROCESS_ID NUM_PROCESSES PORT [hybrid]
+  python -m tests.training.multiprocess_run DIR STEPS DELAY PROCESS_ID NUM_PROCESSES PORT \
+      [hybrid] [hold=INDEX:PATH]
 
 With `hybrid` the mesh is built per process and joined across processes (a multi-slice mesh
 with processes standing in for slices): data parallelism over the processes, the model axis
-inside each.
+inside each. With `hold`, batch INDEX (step INDEX + 1) waits until the file PATH exists.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def main(argv):
                                            dcn_mesh_shape=(num_processes, 1))
   else:
     partitioner = tiny_run.partitioner()
-  tiny_run.train(directory, int(steps), delay=float(delay), log_every=1, partitioner=partitioner)
+  hold = next((a[len('hold='):].split(':', 1) for a in argv[6:] if a.startswith('hold=')), None)
+  tiny_run.train(directory, int(steps), delay=float(delay), log_every=1, partitioner=partitioner,
+                 hold=None if hold is None else (int(hold[0]), hold[1]))
 
 
 if __name__ == '__main__':
