@@ -85,6 +85,12 @@ def time_compiled(fn, args, repeats: int) -> dict:
           'device_peak_bytes': _device_peak()}
 
 
+def significant(x: float, digits: int = 4) -> float:
+  """x to `digits` significant digits, for the JSON. Unlike round(x, n), a small positive rate
+  (a slow CPU, interpret mode) stays positive instead of becoming 0.0."""
+  return float(f'{x:.{digits}g}')
+
+
 def _error(e: Exception) -> str:
   msg = str(e).strip().splitlines()
   return f'{type(e).__name__}: {msg[0][:400] if msg else ""}'
@@ -208,9 +214,8 @@ def measure_attention(point: dict, impls, *, repeats: int, backward: bool, backe
       passes.append(('fwd_bwd', _fwd_bwd(fn), args + (grad_out,), FWD_BWD_FLOP_FACTOR))
     for name, step, step_args, factor in passes:
       try:
-        r = time_compiled(step, step_args, repeats)
-        r['seconds'] = round(r['seconds'], 6)
-        r['tflops'] = round(factor * flops / r['seconds'] / 1e12, 3)
+        r = time_compiled(step, step_args, repeats)  # seconds unrounded, as measured
+        r['tflops'] = significant(factor * flops / r['seconds'] / 1e12)
         result[name] = r
       except Exception as e:  # pylint: disable=broad-except  (OOM, unsupported, ...)
         result[name] = {'error': _error(e)}
@@ -235,7 +240,7 @@ def ratios(row: dict, impls) -> dict:
       continue
     for name in ('forward', 'fwd_bwd'):
       ours, theirs = _seconds(row, 'pallas', name), _seconds(row, other, name)
-      out[f'{name}_pallas_over_{other}'] = round(ours / theirs, 3) if ours and theirs else None
+      out[f'{name}_pallas_over_{other}'] = significant(ours / theirs) if ours and theirs else None
   return out
 
 
@@ -262,11 +267,10 @@ def measure_decode(point: dict, *, repeats: int, dtype, hbm: float | None) -> di
   for impl in ('pallas', 'xla'):
     fn = functools.partial(decode_attention, scale=d ** -0.5, implementation=impl)
     try:
-      r = time_compiled(fn, (q, k, v, lengths), repeats)
-      r['seconds'] = round(r['seconds'], 7)
+      r = time_compiled(fn, (q, k, v, lengths), repeats)  # seconds unrounded, as measured
       gbs = kv_bytes / r['seconds'] / 1e9
-      r['kv_read_gb_per_s'] = round(gbs, 2)
-      r['fraction_of_hbm'] = round(gbs * 1e9 / hbm, 3) if hbm else None
+      r['kv_read_gb_per_s'] = significant(gbs)
+      r['fraction_of_hbm'] = significant(gbs * 1e9 / hbm) if hbm else None
       if impl == 'pallas' and jax.default_backend() == 'cpu':
         r['interpret_mode'] = True
       row[impl] = r
@@ -274,7 +278,7 @@ def measure_decode(point: dict, *, repeats: int, dtype, hbm: float | None) -> di
       row[impl] = {'error': _error(e)}
   ours = row['pallas'].get('seconds')
   xla = row['xla'].get('seconds')
-  row['ratio_pallas_over_xla'] = round(ours / xla, 3) if ours and xla else None
+  row['ratio_pallas_over_xla'] = significant(ours / xla) if ours and xla else None
   return row
 
 

@@ -76,12 +76,12 @@ def assert_scanned_equals_unrolled(scanned, scanned_params, unrolled, params, ba
   abstract = jax.eval_shape(lambda: init_params(scanned, batch))
   assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(np.shape, scanned_params)
 
-  def loss(model, p):
-    return model.loss_fn(p, batch)[0]
+  def loss_and_grads(model, p):  # jitted: op by op, compiling each op costs more than this
+    return jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch)[0]))(p)
 
-  np.testing.assert_allclose(loss(scanned, scanned_params), loss(unrolled, params), rtol=1e-6)
-  g_scan = jax.grad(lambda p: loss(scanned, p))(scanned_params)
-  g_unrolled = jax.grad(lambda p: loss(unrolled, p))(params)
+  loss_scan, g_scan = loss_and_grads(scanned, scanned_params)
+  loss_unrolled, g_unrolled = loss_and_grads(unrolled, params)
+  np.testing.assert_allclose(loss_scan, loss_unrolled, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                unstack_layers(g_scan), g_unrolled)
 

@@ -25,6 +25,7 @@ def _loss_and_grads(model, params, batch):
 @pytest.mark.parametrize('dispatch', ['dropping', 'dropless'])
 @pytest.mark.parametrize('shape,axes,rules,expert_spec', MESHES, ids=['data_x_expert',
                                                                       'data_x_expert_x_model'])
+@pytest.mark.slow
 def test_expert_parallel_forward_backward_equals_single_device(dispatch, shape, axes, rules,
                                                                 expert_spec):
   model = helpers.decoder_model(moe=dataclasses.replace(MOE, dispatch=dispatch),

@@ -50,6 +50,7 @@ def test_a_bad_macro_is_named_before_the_run(tmp_path, flag, message):
   assert not list(tmp_path.iterdir())  # stopped before writing anything
 
 
+@pytest.mark.slow
 def test_train_then_eval_end_to_end(tmp_path, capsys):
   results = main.main(TINY_RUN + [f"--gin.MODEL_DIR='{tmp_path}'"])
   assert 'eval/synthetic_recall/accuracy' in results

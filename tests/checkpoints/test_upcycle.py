@@ -112,6 +112,7 @@ def test_upcycle_refuses_a_used_model_dir_and_a_dense_model(tmp_path, fixtures_d
 _WORDS = 'the quick brown fox jumps over a lazy dog while seven wizards hex pale moons'.split()
 
 
+@pytest.mark.slow
 def test_upcycle_train_checkpoint_resume_through_gin_on_an_expert_parallel_mesh(
     tmp_path, fixtures_dir, capsys):
   rng = np.random.default_rng(0)
@@ -124,20 +125,21 @@ def test_upcycle_train_checkpoint_resume_through_gin_on_an_expert_parallel_mesh(
            '--gin.tasks.register_text_lm.vocab_size=100',
            '--gin.tasks.register_text_lm.validation_fraction=0.5', '--gin.BATCH_SIZE=8',
            "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 16}",
-           '--gin.CHECKPOINT_EVERY=5', '--gin.EVAL_EVERY=None', '--gin.LOG_EVERY=5']
+           '--gin.CHECKPOINT_EVERY=2', '--gin.EVAL_EVERY=None', '--gin.LOG_EVERY=2',
+           '--gin.MAX_EVAL_BATCHES=1']
   assert main.main(['--run_mode=upcycle'] + flags) == 0
   out = capsys.readouterr().out
   assert '2 from scratch' in out and '6 of them tiled over experts' in out
 
-  results = main.main(['--run_mode=train', '--gin.TRAIN_STEPS=10'] + flags)
+  results = main.main(['--run_mode=train', '--gin.TRAIN_STEPS=4'] + flags)
   out = capsys.readouterr().out
-  assert 'parameters only (upcycled or converted)' in out and 'saved checkpoint 10' in out
+  assert 'parameters only (upcycled or converted)' in out and 'saved checkpoint 4' in out
   assert np.isfinite(results['loss']) and 'moe/load_balancing_loss' in results
   steps = sorted(int(p.name) for p in (tmp_path / 'run' / 'checkpoints').iterdir()
                  if p.name.isdigit())
-  assert steps == [0, 5, 10]
+  assert steps == [0, 2, 4]
 
-  main.main(['--run_mode=train', '--gin.TRAIN_STEPS=12'] + flags)
+  main.main(['--run_mode=train', '--gin.TRAIN_STEPS=6'] + flags)
   out = capsys.readouterr().out
-  assert f'resumed from {tmp_path / "run" / "checkpoints" / "10"}' in out
-  assert 'steps 10 -> 12' in out and 'parameters only' not in out
+  assert f'resumed from {tmp_path / "run" / "checkpoints" / "4"}' in out
+  assert 'steps 4 -> 6' in out and 'parameters only' not in out

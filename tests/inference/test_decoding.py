@@ -35,6 +35,12 @@ def _sequences(seed, batch, length, vocab):
   return jnp.asarray(toks)
 
 
+def _jitted(model):
+  """kv_cache.prefill and .step of `model`, jitted (op by op, compiling each op costs more)."""
+  return (jax.jit(lambda *args: kv_cache.prefill(model, *args)),
+          jax.jit(lambda *args: kv_cache.step(model, *args)))
+
+
 @pytest.mark.parametrize('variant', sorted(DECODER_VARIANTS))
 def test_cached_logits_equal_full_forward_decoder_only(variant):
   model, params = _decoder(variant)
@@ -46,13 +52,14 @@ def test_cached_logits_equal_full_forward_decoder_only(variant):
   # Only the KV heads are cached.
   kv_heads = model.module.config.num_kv_heads or model.module.config.num_heads
   assert {leaf.shape[-2] for leaf in jax.tree.leaves(cache)} == {kv_heads}
-  logits, cache = kv_cache.prefill(model, params, cache, prompt, lengths)
+  prefill, step = _jitted(model)
+  logits, cache = prefill(params, cache, prompt, lengths)
   for b in range(3):
     np.testing.assert_allclose(logits[b, :lengths[b]], full[b, :lengths[b]], atol=2e-5)
   positions = lengths
   rows = jnp.arange(3)
   for _ in range(4):  # every sequence continues from its own position
-    step_logits, cache = kv_cache.step(model, params, cache, toks[rows, positions], positions)
+    step_logits, cache = step(params, cache, toks[rows, positions], positions)
     np.testing.assert_allclose(step_logits, full[rows, positions], atol=2e-5)
     positions = positions + 1
 
@@ -64,10 +71,11 @@ def test_cached_logits_equal_full_forward_encoder_decoder():
   params = model.module.init(jax.random.key(0), enc, dec)['params']
   full = model.module.apply({'params': params}, enc, dec)
   cache = kv_cache.init_cache(model, params, 2, 6, encoder_length=7)
-  logits, cache = kv_cache.prefill(model, params, cache, dec[:, :1], jnp.array([1, 1]), enc)
+  prefill, step = _jitted(model)
+  logits, cache = prefill(params, cache, dec[:, :1], jnp.array([1, 1]), enc)
   np.testing.assert_allclose(logits[:, 0], full[:, 0], atol=2e-5)
   for i in range(1, 5):
-    step_logits, cache = kv_cache.step(model, params, cache, dec[:, i], jnp.array([i, i]), enc)
+    step_logits, cache = step(params, cache, dec[:, i], jnp.array([i, i]), enc)
     np.testing.assert_allclose(step_logits, full[:, i], atol=2e-5)
 
 
@@ -85,16 +93,21 @@ def test_prefix_lm_prefill_attends_bidirectionally():
   np.testing.assert_allclose(step_logits[0], full[0, 4], atol=2e-5)
 
 
-def _naive_greedy(model, params, prompt, steps, encoder_tokens=None):
-  """Greedy decoding by full forward passes over the growing sequence (no cache)."""
+def _naive_greedy(model, params, prompt, steps, encoder_tokens=None, length=12):
+  """Greedy decoding by full forward passes over the growing sequence (no cache). The sequence
+  is right-padded to `length`, so one compiled forward serves every step and prompt: the decoder
+  is causal and, without targets, counts every position as real, so the padding after the last
+  token leaves that token's logits unchanged."""
+  if encoder_tokens is None:
+    forward = jax.jit(lambda p, toks, enc: model.module.apply({'params': p}, toks))
+  else:
+    forward = jax.jit(lambda p, toks, enc: model.module.apply({'params': p}, enc[None], toks))
   seq = [0] + ([] if encoder_tokens is not None else [int(t) for t in prompt if t])
+  assert len(seq) + steps <= length
   out = []
   for _ in range(steps):
-    if encoder_tokens is None:
-      logits = model.module.apply({'params': params}, jnp.array([seq]))
-    else:
-      logits = model.module.apply({'params': params}, encoder_tokens[None], jnp.array([seq]))
-    out.append(int(jnp.argmax(logits[0, -1])))
+    logits = forward(params, jnp.array([seq + [0] * (length - len(seq))]), encoder_tokens)
+    out.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     seq.append(out[-1])
   return out
 
@@ -173,15 +186,14 @@ def test_beam_search_with_enough_beams_is_exact_search():
   out = model.predict(params, prompt, decoding.DecodeOptions(
       method='beam', num_beams=vocab**(steps - 1), max_decode_length=steps, eos_id=-1,
       length_penalty=0.0))
-  # Exhaustive: score every continuation with one full forward pass each.
-  best, best_score = None, -np.inf
-  for cont in itertools.product(range(vocab), repeat=steps):
-    seq = jnp.array([[0, 2, 3, *cont]])
-    logp = jax.nn.log_softmax(model.module.apply({'params': params}, seq)[0], -1)
-    score = sum(float(logp[2 + i, cont[i]]) for i in range(steps))
-    if score > best_score:
-      best, best_score = list(cont), score
-  assert out.tokens[0].tolist() == best
+  # Exhaustive: score every continuation by a full forward pass (all of them in one batch).
+  conts = np.array(list(itertools.product(range(vocab), repeat=steps)), np.int32)
+  seqs = np.concatenate([np.tile([[0, 2, 3]], (len(conts), 1)), conts], axis=1)
+  logp = np.asarray(jax.nn.log_softmax(model.module.apply({'params': params}, seqs), -1))
+  scores = logp[np.arange(len(conts))[:, None], 2 + np.arange(steps), conts].sum(1)
+  best = int(np.argmax(scores))
+  best_score = float(scores[best])
+  assert out.tokens[0].tolist() == conts[best].tolist()
   np.testing.assert_allclose(out.scores[0], best_score, rtol=1e-5)
 
 

@@ -44,6 +44,7 @@ def _flags(tmp_path, prompt_file, *extra):
           *extra]
 
 
+@pytest.mark.slow
 def test_infer_writes_greedy_predictions_and_resumes(tmp_path):
   model, params = _checkpoint(tmp_path)
   prompt_file = tmp_path / 'prompts.txt'

@@ -65,6 +65,7 @@ def check_against_flax(mesh, cfg, layout, int8=False):
   return decoder, placed
 
 
+@pytest.mark.slow
 def test_2d_batch_xyz_multiquery(mesh):
   check_against_flax(mesh, config(num_kv_heads=1), Layout('2d', 'batch_xyz'))
 

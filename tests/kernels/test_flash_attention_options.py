@@ -9,8 +9,9 @@ import pytest
 
 from efficientlm.kernels.block_sparse import bigbird_block_mask, num_blocks
 from efficientlm.kernels.flash_attention import RelativeBias, flash_attention
-from efficientlm.kernels.flash_reference import flash_attention_reference
-from efficientlm.layers.position import RelativePositionBias
+from efficientlm.kernels.flash_reference import attention_mask, flash_attention_reference
+from efficientlm.layers.position import RelativePositionBias, relative_position_bucket
+from tests.error_bounds import assert_within, attention_error_bounds
 
 
 def _inputs(seed, batch, q_len, k_len, heads, kv_heads, depth, buckets=32):
@@ -33,16 +34,24 @@ def _module_bias(table, q_len, k_len, num_buckets, max_distance, bidirectional):
                       bidirectional)
 
 
-def _assert_close(fn, want_fn, args, cotangent, atol=1e-5, rtol=1e-5):
-  """Values and gradients w.r.t. every arg of sum(fn(*args) * cotangent)."""
+def _buckets(q_len, k_len, num_buckets, max_distance, bidirectional):
+  """[q_len, k_len] bucket of each pair, positions aligned bottom-right as in _module_bias."""
+  q_pos = np.arange(q_len)[:, None] + (k_len - q_len)
+  return np.asarray(relative_position_bucket(jnp.arange(k_len)[None, :] - q_pos, bidirectional,
+                                             num_buckets, max_distance))
+
+
+def _assert_close(fn, want_fn, args, cotangent, bounds):
+  """Values and gradients w.r.t. every arg (q, k, v[, table]) of sum(fn(*args) * cotangent),
+  within the float32 rounding bounds of `error_bounds.attention_error_bounds`."""
   def grads(f):
     return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * cotangent),
                             argnums=tuple(range(len(args)))))(*args)
   got, want = (jax.jit(fn)(*args), *grads(fn)), (jax.jit(want_fn)(*args), *grads(want_fn))
-  for name, g, w in zip(('out', *(f'd{i}' for i in range(len(args)))), got, want):
+  for name, g, w in zip(('out', 'dq', 'dk', 'dv', 'dtable'), got, want):
     assert g.shape == w.shape, name
     assert np.isfinite(np.asarray(g)).all(), name
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol, rtol=rtol, err_msg=name)
+    assert_within(g, w, bounds[name], name)
   return got[0]
 
 
@@ -64,7 +73,14 @@ def test_relative_bias_matches_reference(causal, bidirectional, q_len, k_len):
     return flash_attention_reference(q, k, v, causal=causal, scale=0.3, bias=bias,
                                      q_segment_ids=seg[0], kv_segment_ids=seg[1])
 
-  _assert_close(kernel, reference, args, ct)
+  q, k, v, table = args
+  bounds = attention_error_bounds(
+      q, k, v, ct, scale=0.3, mask=attention_mask(q_len, k_len, causal=causal,
+                                                  q_segment_ids=seg[0], kv_segment_ids=seg[1]),
+      bias=_module_bias(table, q_len, k_len, buckets, max_distance, bidirectional),
+      bias_buckets=_buckets(q_len, k_len, buckets, max_distance, bidirectional),
+      num_buckets=buckets)
+  _assert_close(kernel, reference, args, ct, bounds)
 
 
 def test_relative_bias_xla_path_and_jit_pytree():
@@ -72,8 +88,9 @@ def test_relative_bias_xla_path_and_jit_pytree():
   (q, k, v, table), _, _ = _inputs(1, 1, 20, 24, 4, 4, 16)
   fn = jax.jit(lambda rb: flash_attention(q, k, v, relative_bias=rb, implementation='xla'))
   got = fn(RelativeBias(table, 32, 128, False))
-  want = flash_attention_reference(q, k, v, bias=_module_bias(table, 20, 24, 32, 128, False))
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+  bias = _module_bias(table, 20, 24, 32, 128, False)
+  want = flash_attention_reference(q, k, v, bias=bias)
+  assert_within(got, want, attention_error_bounds(q, k, v, bias=bias)['out'])
 
 
 def test_relative_bias_bad_table_raises():
@@ -100,7 +117,15 @@ def _sparse_pair(block_mask, causal, seg, block_q=16, block_k=16, **kwargs):
     return flash_attention_reference(q, k, v, causal=causal, mask=mask, q_segment_ids=q_seg,
                                      kv_segment_ids=kv_seg, scale=kwargs.get('scale', 1.0))
 
-  return kernel, reference
+  def bounds(q, k, v, cotangent):
+    mask = _token_mask(block_mask, q.shape[1], k.shape[1], block_q, block_k)
+    q_seg, kv_seg = (None, None) if seg is None else seg
+    structural = attention_mask(q.shape[1], k.shape[1], causal=causal, q_segment_ids=q_seg,
+                                kv_segment_ids=kv_seg)
+    mask = mask if structural is None else jnp.logical_and(mask, structural)
+    return attention_error_bounds(q, k, v, cotangent, scale=kwargs.get('scale', 1.0), mask=mask)
+
+  return kernel, reference, bounds
 
 
 def test_bigbird_block_mask_pattern():
@@ -127,9 +152,9 @@ def test_block_sparse_matches_reference(causal, segmented):
   args, seg, ct = _inputs(2, 2, 100, 90, 4, 2, 16)
   block_mask = bigbird_block_mask(num_blocks(100, 16), num_blocks(90, 32), window_blocks=0,
                                   num_global=1, num_random=1, seed=1)
-  kernel, reference = _sparse_pair(block_mask, causal, seg if segmented else None, block_k=32,
-                                   scale=0.3)
-  _assert_close(kernel, reference, args[:3], ct)
+  kernel, reference, bounds = _sparse_pair(block_mask, causal, seg if segmented else None,
+                                           block_k=32, scale=0.3)
+  _assert_close(kernel, reference, args[:3], ct, bounds(*args[:3], ct))
 
 
 def test_block_sparse_empty_row_outputs_zero_and_skips_loads():
@@ -139,12 +164,13 @@ def test_block_sparse_empty_row_outputs_zero_and_skips_loads():
   block_mask = np.ones((3, 3), bool)
   block_mask[1] = False
   block_mask[:, 2] = False
-  kernel, reference = _sparse_pair(block_mask, False, None)
-  out = _assert_close(kernel, reference, (q, k, v), ct)
+  kernel, reference, bounds = _sparse_pair(block_mask, False, None)
+  out = _assert_close(kernel, reference, (q, k, v), ct, bounds(q, k, v, ct))
   np.testing.assert_array_equal(np.asarray(out[:, 16:32]), 0.0)
   poisoned = v.at[:, 32:].set(jnp.nan)
   got = jax.jit(kernel)(q, k, poisoned)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(out), atol=1e-6)
+  # The same program on the same values read: bitwise equal.
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(out))
   grads = jax.grad(lambda q, k, v: jnp.sum(kernel(q, k, v) * ct), argnums=(0, 1))(q, k, poisoned)
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
@@ -157,10 +183,11 @@ def test_block_sparse_with_relative_bias_and_xla_path():
                         block_k=16, implementation='pallas')
   xla = flash_attention(q, k, v, relative_bias=rb, block_mask=block_mask, block_q=16,
                         block_k=16, implementation='xla')
-  want = flash_attention_reference(q, k, v, bias=_module_bias(table, 40, 40, 32, 128, True),
-                                   mask=_token_mask(block_mask, 40, 40, 16, 16))
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(xla), np.asarray(want), atol=1e-6)
+  bias, mask = _module_bias(table, 40, 40, 32, 128, True), _token_mask(block_mask, 40, 40, 16, 16)
+  want = flash_attention_reference(q, k, v, bias=bias, mask=mask)
+  bound = attention_error_bounds(q, k, v, bias=bias, mask=mask)['out']
+  assert_within(got, want, bound, 'pallas')
+  assert_within(xla, want, bound, 'xla')
 
 
 def test_block_mask_of_other_block_size_raises():

@@ -112,6 +112,7 @@ def test_training_steps_reduce_the_loss_like_xla():
   np.testing.assert_allclose(pallas, xla, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_cached_decoding_with_the_decode_kernel_equals_xla(kernel_calls):
   """Prefill (flash) and steps (decode kernel, lengths = position + 1) against xla."""
   model = helpers.decoder_model(num_kv_heads=1)
@@ -146,10 +147,13 @@ def test_t5_decoding_step_raises_under_pallas():
   """The decode kernel has no relative bias: explicit 'pallas' refuses a T5 step."""
   model = helpers.t5_model(attention_implementation='pallas')
   enc = jnp.ones((1, 4), jnp.int32)
-  params = helpers.t5_model().module.init(jax.random.key(0), enc, jnp.zeros((1, 2), jnp.int32))[
-      'params']
-  cache = kv_cache.init_cache(model, params, 1, 4, encoder_length=4)
-  _, cache = kv_cache.prefill(model, params, cache, jnp.zeros((1, 1), jnp.int32),
-                              jnp.array([1]), enc)
+  # Shapes suffice: the step refuses while it is traced (running the prefill's interpret-mode
+  # kernels op by op would take most of a minute).
+  params = jax.eval_shape(lambda: helpers.t5_model().module.init(
+      jax.random.key(0), enc, jnp.zeros((1, 2), jnp.int32))['params'])
+  cache = jax.eval_shape(lambda p: kv_cache.init_cache(model, p, 1, 4, encoder_length=4), params)
+  _, cache = jax.eval_shape(lambda p, c: kv_cache.prefill(
+      model, p, c, jnp.zeros((1, 1), jnp.int32), jnp.array([1]), enc), params, cache)
   with pytest.raises(ValueError, match='relative position bias .* decoding step'):
-    kv_cache.step(model, params, cache, jnp.array([3]), jnp.array([1]), enc)
+    jax.eval_shape(lambda p, c: kv_cache.step(model, p, c, jnp.array([3]), jnp.array([1]), enc),
+                   params, cache)

@@ -16,9 +16,13 @@ import numpy as np
 class CountingIterator:
 
   def __init__(self, batch_size: int, length: int, vocab: int, seed: int = 0,
-               shard_index: int = 0, num_shards: int = 1, delay: float = 0.0):
+               shard_index: int = 0, num_shards: int = 1, delay: float = 0.0,
+               hold: tuple[int, str] | None = None):
     self.batch_size, self.length, self.vocab, self.seed = batch_size, length, vocab, seed
     self.delay = delay  # seconds per batch, to slow a run down for preemption tests
+    # (index, path): batch `index` waits until the file `path` exists, so that a test can signal
+    # or kill the run at a known step instead of racing it.
+    self.hold = hold
     self.rows = slice(shard_index * batch_size // num_shards,
                       (shard_index + 1) * batch_size // num_shards)
     self.position = 0
@@ -40,6 +44,9 @@ class CountingIterator:
     return self
 
   def __next__(self):
+    if self.hold is not None and self.position == self.hold[0]:
+      while not pathlib.Path(self.hold[1]).exists():
+        time.sleep(0.05)
     if self.delay:
       time.sleep(self.delay)
     out = self.batch(self.position)
@@ -56,11 +63,12 @@ class CountingIterator:
 
 
 def source(batch_size: int, length: int, vocab: int, seed: int = 0, log: list | None = None,
-           delay: float = 0.0):
+           delay: float = 0.0, hold: tuple[int, str] | None = None):
   """A train data source; `log`, if given, records the index of every batch handed out."""
 
   def make(shard_index, num_shards):
-    iterator = CountingIterator(batch_size, length, vocab, seed, shard_index, num_shards, delay)
+    iterator = CountingIterator(batch_size, length, vocab, seed, shard_index, num_shards, delay,
+                                hold)
     if log is None:
       return iterator
     return _Logged(iterator, log)

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -18,6 +19,8 @@ import pytest
 from efficientlm.training import checkpoints
 from tests.training import tiny_run
 from tests.training.test_trainer import _latest_params
+
+pytestmark = pytest.mark.slow  # every test here runs for 10 s or more
 
 ROOT = pathlib.Path(__file__).parents[2]
 STEPS = 12
@@ -73,17 +76,22 @@ def test_two_processes_train_like_one(tmp_path, single_process, mesh):
 @pytest.mark.parametrize('signalled', ['both', 'one'])
 def test_sigterm_stops_every_process_at_one_step_and_the_relaunch_resumes(
     tmp_path, single_process, signalled):
-  procs = _launch(tmp_path, STEPS, 0.3)
+  # Step 4 waits for `release`, so the signal lands while the run is held there, not whenever
+  # this process gets to read 'step 3:' (a race with a run that goes on); the steps after it
+  # are slow, which leaves the preemption notice time to reach the other process.
+  release = tmp_path / 'release'
+  procs = _launch(tmp_path, STEPS, 0.3, f'hold=3:{release}')
   for line in procs[0].stdout:
     if line.startswith('step 3:'):
       break
   for p in procs if signalled == 'both' else procs[1:]:
     p.send_signal(signal.SIGTERM)
+  release.touch()
   outputs = _finish(procs)
   stopped = re.search(r'SIGTERM: saved checkpoint (\d+) and stopped', outputs[0])
   assert stopped, outputs[0][-3000:]
   stopped = int(stopped.group(1))
-  assert 3 <= stopped < STEPS
+  assert 4 <= stopped < STEPS
   assert checkpoints.Checkpointer(tmp_path / 'checkpoints').steps()[-1] == stopped
   # Both processes saved their data position at that step: the relaunch continues from it.
   for i in (0, 1):
@@ -97,12 +105,20 @@ def test_sigterm_stops_every_process_at_one_step_and_the_relaunch_resumes(
 
 def test_hard_kill_of_both_resumes_from_the_last_checkpoint(tmp_path, single_process):
   """SIGKILL (no chance to save) after step 11: the relaunch restarts from the last checkpoint
-  written every 10 steps, replays the batches after it from the saved data position, and ends
+  (written every 10 steps), replays the batches after it from the saved data position, and ends
   where an uninterrupted run does."""
-  procs = _launch(tmp_path, STEPS, 0.3)
+  # Step 12 waits for a file nobody writes: the kill lands after step 11 and before the final
+  # save however late this process reads 'step 11:'.
+  procs = _launch(tmp_path, STEPS, 0.0, f'hold={STEPS - 1}:{tmp_path / "never"}')
   for line in procs[0].stdout:
     if line.startswith('step 11:'):
       break
+  # Checkpoint 10 is saved asynchronously: kill once it is committed (orbax renames its
+  # directory to the step last), not after a guess at how long saving takes.
+  deadline = time.monotonic() + 240
+  while not (tmp_path / 'checkpoints' / '10').is_dir():
+    assert time.monotonic() < deadline, 'checkpoint 10 was never committed'
+    time.sleep(0.1)
   for p in procs:
     p.kill()
     p.communicate(timeout=60)

@@ -34,8 +34,8 @@ def adamw(learning_rate=3e-3):
   return optimizers.adamw(optimizers.constant_schedule(learning_rate), weight_decay=0.01)
 
 
-def train(model_dir, steps, log=None, delay=0.0, **kwargs):
-  source = fake_data.source(BATCH, LENGTH, VOCAB, log=log, delay=delay)
+def train(model_dir, steps, log=None, delay=0.0, hold=None, **kwargs):
+  source = fake_data.source(BATCH, LENGTH, VOCAB, log=log, delay=delay, hold=hold)
   args = dict(model=model(), partitioner=partitioner(), model_dir=str(model_dir),
               train_dataset=source, optimizer=adamw(), total_steps=steps, log_every=5,
               checkpoint_every=10, eval_dataset=None, eval_every=None, async_checkpointing=True)
