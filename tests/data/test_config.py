@@ -39,12 +39,15 @@ def test_bad_values_are_named(kwargs, match):
 def test_bound_from_gin():
   gin.clear_config()
   try:
+    # The alias of configs/runs/*.gin: dynamic registration names the class after the alias of
+    # its first import in the process, and later command-line bindings look it up by that name.
     gin.parse_config(['from __gin__ import dynamic_registration',
-                      'from efficientlm.data import config',
-                      'DATA = @config.DatasetConfig()',
-                      "config.DatasetConfig.mixture_or_task_name = 'c4_v220_span_corruption'",
-                      "config.DatasetConfig.task_feature_lengths = {'inputs': 512, 'targets': 114}",
-                      'config.DatasetConfig.batch_size = 128'])
+                      'from efficientlm.data import config as data_config',
+                      'DATA = @data_config.DatasetConfig()',
+                      "data_config.DatasetConfig.mixture_or_task_name = 'c4_v220_span_corruption'",
+                      "data_config.DatasetConfig.task_feature_lengths = {'inputs': 512, "
+                      "'targets': 114}",
+                      'data_config.DatasetConfig.batch_size = 128'])
     cfg = gin_config.macro('DATA')
   finally:
     gin.clear_config()
