@@ -36,8 +36,12 @@ def task_prompts(cfg: DatasetConfig, prompt_length: int | None = None) -> Iterat
   cfg.split, in order, with the features truncated to cfg.task_feature_lengths."""
   provider = seqio.get_mixture_or_task(cfg.mixture_or_task_name)
   vocabulary = task_vocabulary(cfg.mixture_or_task_name)
+  # try_in_mem_cache=False: seqio caches splits of < 10k examples in memory, and a run that
+  # stops at MAX_EXAMPLES leaves that cache half-read: TensorFlow then warns that "the calling
+  # iterator did not fully read the dataset being cached". One pass needs no cache.
   ds = provider.get_dataset(dict(cfg.task_feature_lengths), split=cfg.split, shuffle=False,
-                            num_epochs=1, seed=cfg.seed, use_cached=cfg.use_cached)
+                            num_epochs=1, seed=cfg.seed, use_cached=cfg.use_cached,
+                            try_in_mem_cache=False)
   for example in ds.as_numpy_iterator():
     targets = _strip(example['targets'])
     if 'inputs' in example:
