@@ -11,6 +11,11 @@ from efficientlm.layers.moe.config import MoeConfig
 
 POSITION_EMBEDDINGS = ('relative', 'rotary')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_with_no_batch_dims')
+# What mixes information across positions in a layer (see `token_mixers`). Each name is one
+# module in efficientlm/layers; models/transformer.token_mixer builds it.
+TOKEN_MIXERS = ('attention',)
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Network hyperparameters. Defaults are T5.1.1 conventions; the gins set the sizes."""
@@ -52,10 +57,16 @@ class TransformerConfig:
   # apply a case (prefix-LM masks, attention dropout, relative bias at decoding steps or with
   # explicit positions); 'auto' runs those on xla.
   attention_implementation: str = 'xla'
+  # --- architecture variation points (README, Architectures) ---
+  # The token mixer of each layer: a pattern repeated over each stack's layers, layer i using
+  # token_mixers[i % len(token_mixers)], like the MoE layouts. ('attention',) is dense attention
+  # everywhere; a hybrid such as ('bigbird', 'bigbird', 'bigbird', 'attention') is one line.
+  token_mixers: tuple[str, ...] = ('attention',)
 
   def __post_init__(self):
     # gin passes lists; keep the dataclass hashable.
     object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
+    object.__setattr__(self, 'token_mixers', tuple(self.token_mixers))
     kv = self.num_kv_heads or self.num_heads
     checks = [
         (self.position_embedding in POSITION_EMBEDDINGS,
@@ -72,6 +83,8 @@ class TransformerConfig:
         (self.attention_implementation in ATTENTION_IMPLEMENTATIONS,
          f'attention_implementation {self.attention_implementation!r} not in '
          f'{ATTENTION_IMPLEMENTATIONS}'),
+        (bool(self.token_mixers) and set(self.token_mixers) <= set(TOKEN_MIXERS),
+         f'token_mixers {self.token_mixers} must be a non-empty pattern of {TOKEN_MIXERS}'),
     ]
     for name in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim'):
       checks.append((getattr(self, name) > 0, f'{name} must be positive'))
@@ -83,6 +96,17 @@ class TransformerConfig:
         jnp.dtype(getattr(self, name))
       except TypeError as e:
         raise ValueError(f'TransformerConfig.{name}: unknown dtype {getattr(self, name)!r}.') from e
+
+  @property
+  def structured_masks(self) -> bool:
+    """Whether the stacks pass masks as AttentionMask structures and the relative bias as its
+    table: the kernels and every token mixer other than dense 'xla' attention need them (dense
+    layers then build their [q, k] masks and bias themselves)."""
+    return self.attention_implementation != 'xla' or set(self.token_mixers) != {'attention'}
+
+  def mixer_pattern(self, num_layers: int) -> tuple[str, ...]:
+    """The token mixer of each of a stack's `num_layers` layers."""
+    return tuple(self.token_mixers[i % len(self.token_mixers)] for i in range(num_layers))
 
   @property
   def activation_dtype(self) -> jnp.dtype:

@@ -14,8 +14,8 @@ from efficientlm.layers.attention import (AttentionMask, padding_segment_ids,
 from efficientlm.layers.dense import DenseGeneral, Embed
 from efficientlm.layers.position import RelativePositionBias
 from efficientlm.models.config import TransformerConfig
-from efficientlm.models.transformer import (DecoderLayer, EncoderLayer, norm, residual_dropout,
-                                            sparse_pattern, stack_layers)
+from efficientlm.models.transformer import (DecoderLayer, EncoderLayer, layer_pattern, norm,
+                                            residual_dropout, stack_layers)
 
 _HIDDEN = ('batch', 'length', 'embed')
 
@@ -33,8 +33,9 @@ def position_bias(cfg: TransformerConfig, positions: jax.Array, bidirectional: b
   """The stack's shared T5 relative position bias (None with rotary embeddings); keys are at
   `positions` too unless `key_positions` says otherwise (decoding against a cache).
 
-  `as_table` (positions 0..len-1 only): for the kernels, the bias as its [heads, buckets]
-  table, which they rebuild per block instead of materializing [heads, len, len].
+  `as_table` (positions 0..len-1 only): for the kernels and the sparse token mixers, the bias
+  as its [heads, buckets] table, which they rebuild per block instead of materializing
+  [heads, len, len].
   """
   if cfg.position_embedding != 'relative':
     return None
@@ -42,7 +43,7 @@ def position_bias(cfg: TransformerConfig, positions: jax.Array, bidirectional: b
                                 cfg.relative_attention_max_distance, dtype=cfg.activation_dtype,
                                 param_dtype=cfg.weight_dtype, name='relpos_bias')
   bias = module(positions, positions if key_positions is None else key_positions, bidirectional)
-  if not as_table or cfg.attention_implementation == 'xla':
+  if not as_table or not cfg.structured_masks:
     return bias
   # The dense bias above is then unused (jit drops it); the call creates the table.
   table = nn.unbox(module.get_variable('params', 'rel_embedding'))
@@ -52,9 +53,10 @@ def position_bias(cfg: TransformerConfig, positions: jax.Array, bidirectional: b
 
 def with_structure(cfg: TransformerConfig, dense: jax.Array, valid: jax.Array,
                    segment_ids: jax.Array | None, causal: bool):
-  """The dense mask for 'xla' (unchanged); for the other implementations an AttentionMask
-  that also carries its structure (causal, padding and packing as segment ids)."""
-  if cfg.attention_implementation == 'xla':
+  """The dense mask for dense 'xla' attention (unchanged); for the kernels and the sparse token
+  mixers an AttentionMask that also carries its structure (causal, padding and packing as
+  segment ids). Under jit, a dense mask nobody reads is never built."""
+  if not cfg.structured_masks:
     return dense
   ids = padding_segment_ids(valid, segment_ids)
   return AttentionMask(dense, ids, ids, causal=causal)
@@ -82,7 +84,7 @@ class Encoder(nn.Module):
         None if segment_ids is None else masks.make_segment_mask(segment_ids, segment_ids))
     mask = with_structure(cfg, mask, valid, segment_ids, causal=False)
     bias = position_bias(cfg, positions, bidirectional=True, as_table=as_table)
-    x = stack_layers(EncoderLayer, sparse_pattern(cfg, cfg.num_encoder_layers, 'encoder'), cfg,
+    x = stack_layers(EncoderLayer, layer_pattern(cfg, cfg.num_encoder_layers, 'encoder'), cfg,
                      x, (mask, bias, positions), deterministic=deterministic)
     x = norm(cfg, 'encoder_norm')(x)
     return partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
@@ -144,7 +146,7 @@ class Decoder(nn.Module):
                                            *segment_ids_from_block_mask(encoder_decoder_mask))
     if self.cross_attention:
       args += (encoded, encoder_decoder_mask)
-    x = stack_layers(DecoderLayer, sparse_pattern(cfg, cfg.num_decoder_layers, 'decoder'), cfg,
+    x = stack_layers(DecoderLayer, layer_pattern(cfg, cfg.num_decoder_layers, 'decoder'), cfg,
                      x, args, deterministic=deterministic, cross_attention=self.cross_attention,
                      decode=decode)
     x = norm(cfg, 'decoder_norm')(x)

@@ -1,7 +1,13 @@
-"""Pre-norm Transformer layers and the stack that repeats them (unrolled or nn.scan, remat)."""
+"""Pre-norm Transformer layers and the stack that repeats them (unrolled or nn.scan, remat).
+
+A layer is described by its `LayerKind`: which token mixer it uses (TransformerConfig.
+token_mixers) and whether its feed-forward is a Mixture of Experts (MoeConfig's layout). The
+stack repeats the shortest period of that pattern under nn.scan.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -50,10 +56,33 @@ def feed_forward(cfg: TransformerConfig, sparse: bool, causal: bool) -> nn.Modul
                   dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype, name='mlp')
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+  """What distinguishes one layer of a stack from another (hashable: scan periods compare it)."""
+
+  sparse: bool = False  # a Mixture-of-Experts feed-forward
+  mixer: str = 'attention'  # TransformerConfig.token_mixers
+
+
 def sparse_pattern(cfg: TransformerConfig, num_layers: int, stack: str) -> tuple[bool, ...]:
   if cfg.moe is None:
     return (False,) * num_layers
   return cfg.moe.sparse_layers(num_layers, stack)
+
+
+def layer_pattern(cfg: TransformerConfig, num_layers: int, stack: str) -> tuple[LayerKind, ...]:
+  """Each layer's kind: the MoE layout and the token-mixer pattern combined."""
+  return tuple(LayerKind(sparse, mixer) for sparse, mixer in
+               zip(sparse_pattern(cfg, num_layers, stack), cfg.mixer_pattern(num_layers)))
+
+
+def token_mixer(cfg: TransformerConfig, mixer: str, name: str,
+                decode: str | None = None) -> nn.Module:
+  """The self-attention sub-layer's module for `mixer` (a TransformerConfig.TOKEN_MIXERS name),
+  under the T5X name of the attention it replaces, called like MultiHeadAttention."""
+  if mixer == 'attention':
+    return attention(cfg, name, True, decode)
+  raise ValueError(f'Unknown token mixer {mixer!r}.')  # TransformerConfig has checked it
 
 
 def residual_dropout(cfg: TransformerConfig, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -66,12 +95,13 @@ class EncoderLayer(nn.Module):
   config: TransformerConfig
   deterministic: bool = True
   sparse: bool = False
+  mixer: str = 'attention'
 
   @nn.compact
   def __call__(self, x, mask, bias, positions):
     cfg, det = self.config, self.deterministic
     h = norm(cfg, 'pre_attention_layer_norm')(x)
-    h = attention(cfg, 'attention', True)(h, h, mask, bias, positions, positions, det)
+    h = token_mixer(cfg, self.mixer, 'attention')(h, h, mask, bias, positions, positions, det)
     x = x + residual_dropout(cfg, h, det)
     h = norm(cfg, 'pre_mlp_layer_norm')(x)
     h = feed_forward(cfg, self.sparse, causal=False)(h, det)
@@ -87,6 +117,7 @@ class DecoderLayer(nn.Module):
   config: TransformerConfig
   deterministic: bool = True
   sparse: bool = False
+  mixer: str = 'attention'
   cross_attention: bool = True
   decode: str | None = None
 
@@ -94,8 +125,8 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, mask, bias, positions, encoded=None, encoder_decoder_mask=None):
     cfg, det = self.config, self.deterministic
     h = norm(cfg, 'pre_self_attention_layer_norm')(x)
-    y = attention(cfg, 'self_attention', True, self.decode)(h, h, mask, bias, positions,
-                                                          positions, det)
+    y = token_mixer(cfg, self.mixer, 'self_attention', self.decode)(h, h, mask, bias, positions,
+                                                                   positions, det)
     if cfg.parallel_block:  # the config allows it only without cross-attention
       y = y + feed_forward(cfg, self.sparse, causal=True)(h, det)
       return x + residual_dropout(cfg, y, det), None
@@ -112,22 +143,26 @@ class DecoderLayer(nn.Module):
 
 class LayerBlock(nn.Module):
   """`len(pattern)` consecutive layers (named layers_0, layers_1, ...): the unit that nn.scan
-  repeats when dense and sparse layers alternate."""
+  repeats when the layers' kinds alternate."""
 
   layer_cls: type
   config: TransformerConfig
-  pattern: tuple[bool, ...]
+  pattern: tuple[LayerKind, ...]
   layer_kwargs: tuple[tuple[str, Any], ...] = ()
 
   @nn.compact
   def __call__(self, x, *args):
-    for j, sparse in enumerate(self.pattern):
-      x, _ = self.layer_cls(config=self.config, sparse=sparse, name=f'layers_{j}',
+    for j, kind in enumerate(self.pattern):
+      x, _ = self.layer_cls(config=self.config, name=f'layers_{j}', **_kind_kwargs(kind),
                             **dict(self.layer_kwargs))(x, *args)
     return x, None
 
 
-def pattern_period(pattern: tuple[bool, ...]) -> int:
+def _kind_kwargs(kind: LayerKind) -> dict[str, Any]:
+  return dataclasses.asdict(kind)
+
+
+def pattern_period(pattern: tuple) -> int:
   """The shortest period p (dividing the length) with pattern[i] == pattern[i % p]."""
   n = len(pattern)
   for p in range(1, n + 1):
@@ -136,34 +171,34 @@ def pattern_period(pattern: tuple[bool, ...]) -> int:
   return n
 
 
-def stack_layers(layer_cls, sparse: tuple[bool, ...], cfg: TransformerConfig, x: jax.Array,
+def stack_layers(layer_cls, kinds: tuple[LayerKind, ...], cfg: TransformerConfig, x: jax.Array,
                  broadcast_args: tuple, **layer_kwargs) -> jax.Array:
-  """Applies len(sparse) layers of `layer_cls` to `x` (layer i sparse iff sparse[i]), inside the
+  """Applies len(kinds) layers of `layer_cls` to `x` (layer i of kind kinds[i]), inside the
   calling module's scope.
 
   Unscanned, the layers are named layers_0 ... layers_{n-1} (T5X checkpoint names). With
   `cfg.scan_layers` they are one nn.scan named `layers` whose parameters carry a leading axis
-  (logical name 'layers'), so compile time does not grow with depth. If dense and sparse layers
-  alternate with period p > 1, the scan repeats blocks of p layers (layers/layers_0 ...
-  layers/layers_{p-1}) n / p times.
+  (logical name 'layers'), so compile time does not grow with depth. If the kinds (dense and
+  sparse feed-forward, token mixers) alternate with period p > 1, the scan repeats blocks of p
+  layers (layers/layers_0 ... layers/layers_{p-1}) n / p times.
   """
-  num_layers = len(sparse)
+  num_layers = len(kinds)
   cls = layer_cls
   if cfg.remat_policy != 'none':
     # prevent_cse is unnecessary inside scan and costs performance there.
     cls = nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
   if not cfg.scan_layers:
     for i in range(num_layers):
-      x, _ = cls(config=cfg, sparse=sparse[i], name=f'layers_{i}', **layer_kwargs)(
+      x, _ = cls(config=cfg, name=f'layers_{i}', **_kind_kwargs(kinds[i]), **layer_kwargs)(
           x, *broadcast_args)
     return x
   # An irregular pattern is one block scanned once: correct, without the compile-time gain.
-  period = pattern_period(sparse)
+  period = pattern_period(kinds)
   if period == 1:
-    unit, unit_kwargs = cls, dict(layer_kwargs, sparse=sparse[0])
+    unit, unit_kwargs = cls, dict(layer_kwargs, **_kind_kwargs(kinds[0]))
   else:
     unit = LayerBlock
-    unit_kwargs = dict(layer_cls=cls, pattern=sparse[:period],
+    unit_kwargs = dict(layer_cls=cls, pattern=kinds[:period],
                        layer_kwargs=tuple(sorted(layer_kwargs.items())))
   scanned = nn.scan(unit, variable_axes={'params': 0, MOE_COLLECTION: 0, 'cache': 0},
                     split_rngs={'params': True, 'dropout': True, 'jitter': True},
