@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -147,6 +148,11 @@ class MultiHeadAttention(nn.Module):
   # mask's structure: pass an AttentionMask (a plain dense mask reaches only 'xla'/'cudnn').
   attention_implementation: str = 'xla'
   cross_attention: bool = False
+  # Evolving attention (layers.evolving_attention): the logits mix with the previous layer's;
+  # __call__ then takes `evolving_state` and returns (output, the state for the next layer).
+  # `causal` picks the convolution's causal footprint (decoder self-attention).
+  evolving: Any = None  # EvolvingAttentionConfig | None (imported lazily: no import cycle)
+  causal: bool = False
   kernel_init: Callable[..., jax.Array] = initializers.attention_kernel_init
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -159,7 +165,8 @@ class MultiHeadAttention(nn.Module):
                bias: jax.Array | None = None,
                q_positions: jax.Array | None = None,
                kv_positions: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True,
+               evolving_state: tuple[jax.Array, jax.Array] | None = None):
     kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % kv_heads:
       raise ValueError(f'num_heads {self.num_heads} must be divisible by num_kv_heads {kv_heads}.')
@@ -200,12 +207,35 @@ class MultiHeadAttention(nn.Module):
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
-    out = self._attend(query, key, value, mask, bias, dropout_rng)
+    if self.evolving is None:
+      out = self._attend(query, key, value, mask, bias, dropout_rng)
+    else:
+      out, evolving_state = self._evolve(query, key, value, mask, bias, dropout_rng,
+                                         evolving_state)
     out = partitioning.constrain(out, ('batch', 'length', 'heads', 'kv'))
     out = DenseGeneral(inputs_q.shape[-1], ('joined_kv', 'embed'), axis=(-2, -1),
                        kernel_init=self.kernel_init, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='out')(out)
-    return partitioning.constrain(out, ('batch', 'length', 'embed'))
+    out = partitioning.constrain(out, ('batch', 'length', 'embed'))
+    return out if self.evolving is None else (out, evolving_state)
+
+  def _evolve(self, query, key, value, mask, bias, dropout_rng, state):
+    """Dense attention whose logits evolve (layers.evolving_attention); `state` is (previous
+    logits [b, heads, q, k] float32, has_previous 0/1), zeros and 0 in a stack's first layer."""
+    from efficientlm.layers import evolving_attention  # pylint: disable=g-import-not-at-top
+    if self.decode is not None:
+      raise ValueError('evolving_attention cannot decode with a KV cache: each step would need '
+                       "every layer's previous logit rows. Decode a model without "
+                       'TransformerConfig.evolving_attention, or score whole sequences.')
+    if isinstance(mask, AttentionMask):
+      mask = mask.dense
+    previous, has_previous = state
+    evolve = evolving_attention.EvolvingLogits(self.evolving, self.num_heads, causal=self.causal,
+                                               param_dtype=self.param_dtype, name='evolving')
+    logits = evolving_attention.attention_logits(query, key, bias, self.float32_logits)
+    to_softmax, passed_on = evolve(logits, previous, mask, has_previous=has_previous)
+    out = evolving_attention.attend(to_softmax, value, mask, self.dropout_rate, dropout_rng)
+    return out, (passed_on, jnp.ones_like(has_previous))
 
   def _attend(self, query, key, value, mask, bias, dropout_rng):
     """Attention through the kernel dispatcher; 'xla' gets the dense mask exactly as given."""

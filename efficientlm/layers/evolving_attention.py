@@ -134,7 +134,9 @@ class EvolvingLogits(nn.Module):
   """(E1) + (E2) on one layer's logits: (logits to softmax, logits to pass to the next layer).
 
   logits, previous: float [b, heads, q, k] (previous None in the first layer); mask: bool
-  [b|1, 1|heads, q, k], True where attention is allowed. The first output holds MASK_VALUE at
+  [b|1, 1|heads, q, k], True where attention is allowed. `has_previous`, a traced 0 or 1 with
+  `previous` given (zeros in the first layer), selects between the two cases in one program:
+  the form a scanned stack needs, where every layer is the same traced function. The first output holds MASK_VALUE at
   masked entries, the second 0 there (see the module docstring). `causal` picks the causal
   kernel footprint (q_len must equal k_len); the mask given is used as is (a prefix-LM mask
   stays bidirectional in its prefix), and without one future keys are masked.
@@ -151,7 +153,8 @@ class EvolvingLogits(nn.Module):
 
   @nn.compact
   def __call__(self, logits: jax.Array, previous: jax.Array | None = None,
-               mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               mask: jax.Array | None = None,
+               has_previous: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     cfg = self.config
     cfg.validate(self.num_heads)
     if logits.ndim != 4 or logits.shape[1] != self.num_heads:
@@ -181,10 +184,18 @@ class EvolvingLogits(nn.Module):
       return x if mask is None else jnp.where(mask, x, 0.0)
 
     mixed = zero_masked(logits)
+    if has_previous is None:
+      alpha, beta = cfg.alpha, cfg.beta
+    else:  # a traced 0/1: as previous=None (0) or as given (1), in one program
+      if previous is None:
+        raise ValueError('EvolvingLogits: has_previous needs the previous logits (zeros if none).')
+      weight = jnp.asarray(has_previous, jnp.float32)
+      alpha = cfg.alpha * weight
+      beta = cfg.beta if cfg.convolve_first_layer else cfg.beta * weight
     if previous is not None:  # (E1)
-      mixed = cfg.alpha * zero_masked(previous) + (1.0 - cfg.alpha) * mixed
+      mixed = alpha * zero_masked(previous) + (1.0 - alpha) * mixed
     if previous is not None or cfg.convolve_first_layer:  # (E2)
-      mixed = cfg.beta * self._cnn(mixed, kernel, bias) + (1.0 - cfg.beta) * mixed
+      mixed = beta * self._cnn(mixed, kernel, bias) + (1.0 - beta) * mixed
       mixed = zero_masked(mixed)  # the bias and border taps must not revive masked entries
     to_softmax = mixed if mask is None else jnp.where(mask, mixed, MASK_VALUE)
     return to_softmax, mixed

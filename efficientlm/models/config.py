@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from efficientlm.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from efficientlm.layers.evolving_attention import EvolvingAttentionConfig
 from efficientlm.layers.moe.config import MoeConfig
 
 POSITION_EMBEDDINGS = ('relative', 'rotary')
@@ -62,6 +63,9 @@ class TransformerConfig:
   # token_mixers[i % len(token_mixers)], like the MoE layouts. ('attention',) is dense attention
   # everywhere; a hybrid such as ('bigbird', 'bigbird', 'bigbird', 'attention') is one line.
   token_mixers: tuple[str, ...] = ('attention',)
+  # The attention-logit path between layers: each self-attention mixes its logits with the
+  # previous layer's through a residual convolution (Wang et al. 2021). None: independent.
+  evolving_attention: EvolvingAttentionConfig | None = None
 
   def __post_init__(self):
     # gin passes lists; keep the dataclass hashable.
@@ -85,6 +89,11 @@ class TransformerConfig:
          f'{ATTENTION_IMPLEMENTATIONS}'),
         (bool(self.token_mixers) and set(self.token_mixers) <= set(TOKEN_MIXERS),
          f'token_mixers {self.token_mixers} must be a non-empty pattern of {TOKEN_MIXERS}'),
+        (self.evolving_attention is None or (set(self.token_mixers) == {'attention'} and
+                                             self.attention_implementation == 'xla'),
+         'evolving_attention mixes the [heads, q, k] logits of dense attention: it needs '
+         "token_mixers ('attention',) and attention_implementation 'xla' (the kernels never "
+         f'form the logits); got {self.token_mixers}, {self.attention_implementation!r}'),
     ]
     for name in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim'):
       checks.append((getattr(self, name) > 0, f'{name} must be positive'))

@@ -14,8 +14,8 @@ from efficientlm.layers.attention import (AttentionMask, padding_segment_ids,
 from efficientlm.layers.dense import DenseGeneral, Embed
 from efficientlm.layers.position import RelativePositionBias
 from efficientlm.models.config import TransformerConfig
-from efficientlm.models.transformer import (DecoderLayer, EncoderLayer, layer_pattern, norm,
-                                            residual_dropout, stack_layers)
+from efficientlm.models.transformer import (DecoderLayer, EncoderLayer, hidden, initial_carry,
+                                            layer_pattern, norm, residual_dropout, stack_layers)
 
 _HIDDEN = ('batch', 'length', 'embed')
 
@@ -84,8 +84,9 @@ class Encoder(nn.Module):
         None if segment_ids is None else masks.make_segment_mask(segment_ids, segment_ids))
     mask = with_structure(cfg, mask, valid, segment_ids, causal=False)
     bias = position_bias(cfg, positions, bidirectional=True, as_table=as_table)
-    x = stack_layers(EncoderLayer, layer_pattern(cfg, cfg.num_encoder_layers, 'encoder'), cfg,
-                     x, (mask, bias, positions), deterministic=deterministic)
+    x = hidden(stack_layers(EncoderLayer, layer_pattern(cfg, cfg.num_encoder_layers, 'encoder'),
+                            cfg, initial_carry(cfg, x), (mask, bias, positions),
+                            deterministic=deterministic))
     x = norm(cfg, 'encoder_norm')(x)
     return partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
 
@@ -146,9 +147,9 @@ class Decoder(nn.Module):
                                            *segment_ids_from_block_mask(encoder_decoder_mask))
     if self.cross_attention:
       args += (encoded, encoder_decoder_mask)
-    x = stack_layers(DecoderLayer, layer_pattern(cfg, cfg.num_decoder_layers, 'decoder'), cfg,
-                     x, args, deterministic=deterministic, cross_attention=self.cross_attention,
-                     decode=decode)
+    x = hidden(stack_layers(DecoderLayer, layer_pattern(cfg, cfg.num_decoder_layers, 'decoder'),
+                            cfg, initial_carry(cfg, x), args, deterministic=deterministic,
+                            cross_attention=self.cross_attention, decode=decode))
     x = norm(cfg, 'decoder_norm')(x)
     x = partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
     if cfg.logits_via_embedding:

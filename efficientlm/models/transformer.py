@@ -12,6 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from efficientlm.layers.attention import MultiHeadAttention
 from efficientlm.layers.mlp import MlpBlock
@@ -32,9 +33,11 @@ def norm(cfg: TransformerConfig, name: str) -> RMSNorm:
 
 
 def attention(cfg: TransformerConfig, name: str, self_attention: bool,
-              decode: str | None = None) -> MultiHeadAttention:
-  """`decode`: None for whole sequences, else the KV-cache mode (see MultiHeadAttention)."""
+              decode: str | None = None, causal: bool = False) -> MultiHeadAttention:
+  """`decode`: None for whole sequences, else the KV-cache mode (see MultiHeadAttention).
+  Self-attention evolves its logits when the config says so (`causal`: the decoder's)."""
   return MultiHeadAttention(
+      evolving=cfg.evolving_attention if self_attention else None, causal=causal,
       num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
       dropout_rate=cfg.dropout_rate, scale_logits=cfg.scale_attention_logits,
       # Rotary embeddings encode positions within a sequence: not for cross-attention.
@@ -76,17 +79,45 @@ def layer_pattern(cfg: TransformerConfig, num_layers: int, stack: str) -> tuple[
                zip(sparse_pattern(cfg, num_layers, stack), cfg.mixer_pattern(num_layers)))
 
 
-def token_mixer(cfg: TransformerConfig, mixer: str, name: str,
+def token_mixer(cfg: TransformerConfig, mixer: str, name: str, causal: bool,
                 decode: str | None = None) -> nn.Module:
   """The self-attention sub-layer's module for `mixer` (a TransformerConfig.TOKEN_MIXERS name),
   under the T5X name of the attention it replaces, called like MultiHeadAttention."""
   if mixer == 'attention':
-    return attention(cfg, name, True, decode)
+    return attention(cfg, name, True, decode, causal)
   raise ValueError(f'Unknown token mixer {mixer!r}.')  # TransformerConfig has checked it
 
 
 def residual_dropout(cfg: TransformerConfig, x: jax.Array, deterministic: bool) -> jax.Array:
   return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+# --- what the stack carries from layer to layer ------------------------------------------------
+# The hidden state x, and with evolving attention also (the previous layer's logits [b, heads, q,
+# k] float32, has_previous): zeros and 0 before the first layer, so that scanned layers, which
+# are one traced function, see the same structure in every iteration.
+
+
+def initial_carry(cfg: TransformerConfig, x: jax.Array):
+  if cfg.evolving_attention is None:
+    return x
+  logits = jnp.zeros((x.shape[0], cfg.num_heads, x.shape[1], x.shape[1]), jnp.float32)
+  return x, (logits, jnp.zeros((), jnp.float32))
+
+
+def hidden(carry) -> jax.Array:
+  return carry[0] if isinstance(carry, tuple) else carry
+
+
+def _self_attend(module, carry, *args):
+  """(output, new carry's logit state or None) of a self-attention `module` on the carry."""
+  if isinstance(carry, tuple):
+    return module(*args, evolving_state=carry[1])
+  return module(*args), None
+
+
+def _carry(x, state):
+  return x if state is None else (x, state)
 
 
 class EncoderLayer(nn.Module):
@@ -98,14 +129,16 @@ class EncoderLayer(nn.Module):
   mixer: str = 'attention'
 
   @nn.compact
-  def __call__(self, x, mask, bias, positions):
+  def __call__(self, carry, mask, bias, positions):
     cfg, det = self.config, self.deterministic
+    x = hidden(carry)
     h = norm(cfg, 'pre_attention_layer_norm')(x)
-    h = token_mixer(cfg, self.mixer, 'attention')(h, h, mask, bias, positions, positions, det)
+    h, state = _self_attend(token_mixer(cfg, self.mixer, 'attention', causal=False), carry,
+                            h, h, mask, bias, positions, positions, det)
     x = x + residual_dropout(cfg, h, det)
     h = norm(cfg, 'pre_mlp_layer_norm')(x)
     h = feed_forward(cfg, self.sparse, causal=False)(h, det)
-    return x + residual_dropout(cfg, h, det), None
+    return _carry(x + residual_dropout(cfg, h, det), state), None
 
 
 class DecoderLayer(nn.Module):
@@ -122,14 +155,15 @@ class DecoderLayer(nn.Module):
   decode: str | None = None
 
   @nn.compact
-  def __call__(self, x, mask, bias, positions, encoded=None, encoder_decoder_mask=None):
+  def __call__(self, carry, mask, bias, positions, encoded=None, encoder_decoder_mask=None):
     cfg, det = self.config, self.deterministic
+    x = hidden(carry)
     h = norm(cfg, 'pre_self_attention_layer_norm')(x)
-    y = token_mixer(cfg, self.mixer, 'self_attention', self.decode)(h, h, mask, bias, positions,
-                                                                   positions, det)
+    y, state = _self_attend(token_mixer(cfg, self.mixer, 'self_attention', True, self.decode),
+                            carry, h, h, mask, bias, positions, positions, det)
     if cfg.parallel_block:  # the config allows it only without cross-attention
       y = y + feed_forward(cfg, self.sparse, causal=True)(h, det)
-      return x + residual_dropout(cfg, y, det), None
+      return _carry(x + residual_dropout(cfg, y, det), state), None
     x = x + residual_dropout(cfg, y, det)
     if self.cross_attention:
       h = norm(cfg, 'pre_cross_attention_layer_norm')(x)
@@ -138,7 +172,7 @@ class DecoderLayer(nn.Module):
       x = x + residual_dropout(cfg, h, det)
     h = norm(cfg, 'pre_mlp_layer_norm')(x)
     h = feed_forward(cfg, self.sparse, causal=True)(h, det)
-    return x + residual_dropout(cfg, h, det), None
+    return _carry(x + residual_dropout(cfg, h, det), state), None
 
 
 class LayerBlock(nn.Module):

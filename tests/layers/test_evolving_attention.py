@@ -285,3 +285,27 @@ def test_shape_errors():
     evolve.init(jax.random.key(0), jnp.zeros((2, 4, 1, 6)))
   with pytest.raises(ValueError, match='4 heads'):
     evolve.init(jax.random.key(0), jnp.zeros((2, 3, 6, 6)))
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_has_previous_selects_first_layer_or_later_in_one_program(causal):
+  """Scanned stacks pass zeros and has_previous = 0 to their first layer: that must equal
+  previous=None exactly, and has_previous = 1 must equal passing the logits."""
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(2, 3, 6, 6)), jnp.float32)
+  previous = jnp.asarray(rng.normal(size=(2, 3, 6, 6)), jnp.float32)
+  module = EvolvingLogits(EvolvingAttentionConfig(alpha=0.4, beta=0.7), num_heads=3, causal=causal)
+  params = module.init(jax.random.key(0), logits, previous)
+  for convolve_first in (False, True):
+    module = EvolvingLogits(EvolvingAttentionConfig(alpha=0.4, beta=0.7,
+                                                    convolve_first_layer=convolve_first),
+                            num_heads=3, causal=causal)
+    first = module.apply(params, logits, None)
+    traced_first = jax.jit(lambda p, h: module.apply(p, logits, jnp.zeros_like(logits),
+                                                     has_previous=h))(params, 0.0)
+    later = module.apply(params, logits, previous)
+    traced_later = jax.jit(lambda p, h: module.apply(p, logits, previous, has_previous=h))(
+        params, 1.0)
+    for got, want in ((traced_first, first), (traced_later, later)):
+      np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)
