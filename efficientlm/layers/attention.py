@@ -153,6 +153,11 @@ class MultiHeadAttention(nn.Module):
   # `causal` picks the convolution's causal footprint (decoder self-attention).
   evolving: Any = None  # EvolvingAttentionConfig | None (imported lazily: no import cycle)
   causal: bool = False
+  # BigBird block-sparse self-attention (layers.bigbird) instead of dense, with its pattern for
+  # layer `layer_index`; needs an AttentionMask (padding as segment ids) and, with the T5
+  # relative bias, its table (RelativeBias).
+  bigbird: Any = None  # BigBirdConfig | None
+  layer_index: int = 0
   kernel_init: Callable[..., jax.Array] = initializers.attention_kernel_init
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -207,7 +212,9 @@ class MultiHeadAttention(nn.Module):
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
-    if self.evolving is None:
+    if self.bigbird is not None:
+      out = self._bigbird(query, key, value, mask, bias)
+    elif self.evolving is None:
       out = self._attend(query, key, value, mask, bias, dropout_rng)
     else:
       out, evolving_state = self._evolve(query, key, value, mask, bias, dropout_rng,
@@ -218,6 +225,26 @@ class MultiHeadAttention(nn.Module):
                        param_dtype=self.param_dtype, name='out')(out)
     out = partitioning.constrain(out, ('batch', 'length', 'embed'))
     return out if self.evolving is None else (out, evolving_state)
+
+  def _bigbird(self, query, key, value, mask, bias):
+    """BigBird over the whole sequence: padding from the mask's segment ids (the stacks refuse
+    packed examples and prefix-LM masks for bigbird layers), the bias as its table."""
+    from efficientlm.kernels.flash_attention import RelativeBias  # pylint: disable=g-import-not-at-top
+    from efficientlm.layers import bigbird  # pylint: disable=g-import-not-at-top
+    if self.decode is not None:
+      raise ValueError("token_mixers 'bigbird' cannot decode with a KV cache (its pattern is "
+                       'over whole sequences). Decode with a model whose layers are dense '
+                       "attention, or score whole sequences.")
+    if not isinstance(mask, AttentionMask) or mask.kv_segment_ids is None:
+      raise ValueError('bigbird layers need the mask as an AttentionMask with segment ids.')
+    if bias is not None and not isinstance(bias, RelativeBias):
+      raise ValueError('bigbird layers take the relative bias as its table (RelativeBias); a '
+                       'dense [q, k] bias comes only with explicit (packed) positions.')
+    implementation = 'pallas' if self.attention_implementation == 'pallas' else 'xla'
+    return bigbird.bigbird_attention(query, key, value, config=self.bigbird, causal=self.causal,
+                                     layer_index=self.layer_index,
+                                     kv_valid=mask.kv_segment_ids > 0, bias_table=bias,
+                                     implementation=implementation)
 
   def _evolve(self, query, key, value, mask, bias, dropout_rng, state):
     """Dense attention whose logits evolve (layers.evolving_attention); `state` is (previous

@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from efficientlm.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from efficientlm.layers.bigbird import BigBirdConfig
 from efficientlm.layers.evolving_attention import EvolvingAttentionConfig
 from efficientlm.layers.moe.config import MoeConfig
 
@@ -14,7 +15,7 @@ POSITION_EMBEDDINGS = ('relative', 'rotary')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_with_no_batch_dims')
 # What mixes information across positions in a layer (see `token_mixers`). Each name is one
 # module in efficientlm/layers; models/transformer.token_mixer builds it.
-TOKEN_MIXERS = ('attention',)
+TOKEN_MIXERS = ('attention', 'bigbird')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,8 @@ class TransformerConfig:
   # token_mixers[i % len(token_mixers)], like the MoE layouts. ('attention',) is dense attention
   # everywhere; a hybrid such as ('bigbird', 'bigbird', 'bigbird', 'attention') is one line.
   token_mixers: tuple[str, ...] = ('attention',)
+  # 'bigbird': block-sparse attention (layers/bigbird.py), its pattern from this config.
+  bigbird: BigBirdConfig | None = None
   # The attention-logit path between layers: each self-attention mixes its logits with the
   # previous layer's through a residual convolution (Wang et al. 2021). None: independent.
   evolving_attention: EvolvingAttentionConfig | None = None
@@ -89,6 +92,12 @@ class TransformerConfig:
          f'{ATTENTION_IMPLEMENTATIONS}'),
         (bool(self.token_mixers) and set(self.token_mixers) <= set(TOKEN_MIXERS),
          f'token_mixers {self.token_mixers} must be a non-empty pattern of {TOKEN_MIXERS}'),
+        ('bigbird' not in self.token_mixers or self.bigbird is not None,
+         "token_mixers use 'bigbird': set TransformerConfig.bigbird = @BigBirdConfig() (see "
+         'configs/models/bigbird/)'),
+        (self.attention_implementation in ('xla', 'pallas') or 'bigbird' not in self.token_mixers,
+         "bigbird layers run on 'xla' (gathered blocks) or 'pallas' (block-sparse flash "
+         f'kernels), not {self.attention_implementation!r}'),
         (self.evolving_attention is None or (set(self.token_mixers) == {'attention'} and
                                              self.attention_implementation == 'xla'),
          'evolving_attention mixes the [heads, q, k] logits of dense attention: it needs '

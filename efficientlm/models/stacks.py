@@ -62,6 +62,21 @@ def with_structure(cfg: TransformerConfig, dense: jax.Array, valid: jax.Array,
   return AttentionMask(dense, ids, ids, causal=causal)
 
 
+def check_sequence_features(cfg: TransformerConfig, packed: bool, prefix_lm: bool = False):
+  """Token mixers that see whole unpacked sequences refuse packing and prefix-LM masks here,
+  before tracing goes deeper (BigBird's pattern spans the row, not each packed example)."""
+  if 'bigbird' not in cfg.token_mixers:
+    return
+  if packed:
+    raise ValueError("token_mixers 'bigbird' attend over whole rows and do not support packed "
+                     'examples: set DatasetConfig.pack = False (e.g. --gin.train/'
+                     'data_config.DatasetConfig.pack=False and the same for eval/).')
+  if prefix_lm:
+    raise ValueError("token_mixers 'bigbird' have a causal pattern and no prefix-LM mask: train "
+                     'a decoder-only model without prefix-LM (causal_attention), or use dense '
+                     'attention layers.')
+
+
 def embed(cfg: TransformerConfig, embedder: Embed, tokens: jax.Array, deterministic: bool):
   x = embedder(tokens).astype(cfg.activation_dtype)
   return partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
@@ -74,6 +89,7 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, tokens, segment_ids=None, positions=None, deterministic=True):
     cfg = self.config
+    check_sequence_features(cfg, packed=segment_ids is not None or positions is not None)
     # Explicit (packed) positions: the kernels' relative bias has no per-example offsets yet.
     as_table = positions is None
     positions = default_positions(tokens, positions)
@@ -128,6 +144,8 @@ class Decoder(nn.Module):
         mask = AttentionMask(mask, kv_lengths=positions[:, 0] + 1)
       bias = position_bias(cfg, positions, bidirectional=False, key_positions=slots[None])
     else:
+      check_sequence_features(cfg, packed=segment_ids is not None or positions is not None,
+                              prefix_lm=causal_attention is not None)
       as_table = positions is None  # as in the Encoder
       positions = default_positions(decoder_input_tokens, positions)
       # Without targets every position counts as real (no padding mask).

@@ -33,11 +33,14 @@ def norm(cfg: TransformerConfig, name: str) -> RMSNorm:
 
 
 def attention(cfg: TransformerConfig, name: str, self_attention: bool,
-              decode: str | None = None, causal: bool = False) -> MultiHeadAttention:
+              decode: str | None = None, causal: bool = False, bigbird: bool = False,
+              layer_index: int = 0) -> MultiHeadAttention:
   """`decode`: None for whole sequences, else the KV-cache mode (see MultiHeadAttention).
-  Self-attention evolves its logits when the config says so (`causal`: the decoder's)."""
+  Self-attention evolves its logits when the config says so (`causal`: the decoder's); with
+  `bigbird` it is block-sparse, with layer `layer_index`'s random blocks."""
   return MultiHeadAttention(
       evolving=cfg.evolving_attention if self_attention else None, causal=causal,
+      bigbird=cfg.bigbird if bigbird else None, layer_index=layer_index,
       num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
       dropout_rate=cfg.dropout_rate, scale_logits=cfg.scale_attention_logits,
       # Rotary embeddings encode positions within a sequence: not for cross-attention.
@@ -80,11 +83,15 @@ def layer_pattern(cfg: TransformerConfig, num_layers: int, stack: str) -> tuple[
 
 
 def token_mixer(cfg: TransformerConfig, mixer: str, name: str, causal: bool,
-                decode: str | None = None) -> nn.Module:
+                decode: str | None = None, layer_index: int = 0) -> nn.Module:
   """The self-attention sub-layer's module for `mixer` (a TransformerConfig.TOKEN_MIXERS name),
-  under the T5X name of the attention it replaces, called like MultiHeadAttention."""
-  if mixer == 'attention':
-    return attention(cfg, name, True, decode, causal)
+  under the T5X name of the attention it replaces, called like MultiHeadAttention.
+
+  Attention-like mixers keep the attention's parameters (query, key, value, out), so a dense
+  checkpoint loads into them unchanged."""
+  if mixer in ('attention', 'bigbird'):
+    return attention(cfg, name, True, decode, causal, bigbird=mixer == 'bigbird',
+                     layer_index=layer_index)
   raise ValueError(f'Unknown token mixer {mixer!r}.')  # TransformerConfig has checked it
 
 
@@ -127,14 +134,15 @@ class EncoderLayer(nn.Module):
   deterministic: bool = True
   sparse: bool = False
   mixer: str = 'attention'
+  layer_index: int = 0  # in its stack (under scan: within the scanned block)
 
   @nn.compact
   def __call__(self, carry, mask, bias, positions):
     cfg, det = self.config, self.deterministic
     x = hidden(carry)
     h = norm(cfg, 'pre_attention_layer_norm')(x)
-    h, state = _self_attend(token_mixer(cfg, self.mixer, 'attention', causal=False), carry,
-                            h, h, mask, bias, positions, positions, det)
+    mixer = token_mixer(cfg, self.mixer, 'attention', False, layer_index=self.layer_index)
+    h, state = _self_attend(mixer, carry, h, h, mask, bias, positions, positions, det)
     x = x + residual_dropout(cfg, h, det)
     h = norm(cfg, 'pre_mlp_layer_norm')(x)
     h = feed_forward(cfg, self.sparse, causal=False)(h, det)
@@ -151,6 +159,7 @@ class DecoderLayer(nn.Module):
   deterministic: bool = True
   sparse: bool = False
   mixer: str = 'attention'
+  layer_index: int = 0  # in its stack (under scan: within the scanned block)
   cross_attention: bool = True
   decode: str | None = None
 
@@ -159,8 +168,8 @@ class DecoderLayer(nn.Module):
     cfg, det = self.config, self.deterministic
     x = hidden(carry)
     h = norm(cfg, 'pre_self_attention_layer_norm')(x)
-    y, state = _self_attend(token_mixer(cfg, self.mixer, 'self_attention', True, self.decode),
-                            carry, h, h, mask, bias, positions, positions, det)
+    mixer = token_mixer(cfg, self.mixer, 'self_attention', True, self.decode, self.layer_index)
+    y, state = _self_attend(mixer, carry, h, h, mask, bias, positions, positions, det)
     if cfg.parallel_block:  # the config allows it only without cross-attention
       y = y + feed_forward(cfg, self.sparse, causal=True)(h, det)
       return _carry(x + residual_dropout(cfg, y, det), state), None
@@ -187,8 +196,8 @@ class LayerBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *args):
     for j, kind in enumerate(self.pattern):
-      x, _ = self.layer_cls(config=self.config, name=f'layers_{j}', **_kind_kwargs(kind),
-                            **dict(self.layer_kwargs))(x, *args)
+      x, _ = self.layer_cls(config=self.config, name=f'layers_{j}', layer_index=j,
+                            **_kind_kwargs(kind), **dict(self.layer_kwargs))(x, *args)
     return x, None
 
 
@@ -214,7 +223,9 @@ def stack_layers(layer_cls, kinds: tuple[LayerKind, ...], cfg: TransformerConfig
   `cfg.scan_layers` they are one nn.scan named `layers` whose parameters carry a leading axis
   (logical name 'layers'), so compile time does not grow with depth. If the kinds (dense and
   sparse feed-forward, token mixers) alternate with period p > 1, the scan repeats blocks of p
-  layers (layers/layers_0 ... layers/layers_{p-1}) n / p times.
+  layers (layers/layers_0 ... layers/layers_{p-1}) n / p times. Each layer gets its
+  `layer_index` (BigBird draws its random blocks from it); scanned layers are one traced
+  function, so under scan the index is the position within the scanned block.
   """
   num_layers = len(kinds)
   cls = layer_cls
@@ -223,8 +234,8 @@ def stack_layers(layer_cls, kinds: tuple[LayerKind, ...], cfg: TransformerConfig
     cls = nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
   if not cfg.scan_layers:
     for i in range(num_layers):
-      x, _ = cls(config=cfg, name=f'layers_{i}', **_kind_kwargs(kinds[i]), **layer_kwargs)(
-          x, *broadcast_args)
+      x, _ = cls(config=cfg, name=f'layers_{i}', layer_index=i, **_kind_kwargs(kinds[i]),
+                 **layer_kwargs)(x, *broadcast_args)
     return x
   # An irregular pattern is one block scanned once: correct, without the compile-time gain.
   period = pattern_period(kinds)
