@@ -158,6 +158,10 @@ class MultiHeadAttention(nn.Module):
   # relative bias, its table (RelativeBias).
   bigbird: Any = None  # BigBirdConfig | None
   layer_index: int = 0
+  # Reformer LSH self-attention (layers.lsh_attention): queries double as keys (no 'key'
+  # projection), hashed into buckets by random rotations: fresh ones per training step from
+  # the 'lsh' rng stream, fixed per layer (from the config's seed) when deterministic.
+  lsh: Any = None  # LshConfig | None
   kernel_init: Callable[..., jax.Array] = initializers.attention_kernel_init
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -202,7 +206,9 @@ class MultiHeadAttention(nn.Module):
         key = apply_rotary(key, kv_positions, self.rotary_max_wavelength)
       return key, value
 
-    if self.decode is None:
+    if self.lsh is not None:  # shared query/key: only values to project
+      key, value = None, project('value', inputs_kv, kv_heads, kv_axes, self.kernel_init)
+    elif self.decode is None:
       key, value = project_kv()
     else:
       key, value = self._cached_kv(project_kv, q_positions)
@@ -212,7 +218,9 @@ class MultiHeadAttention(nn.Module):
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
-    if self.bigbird is not None:
+    if self.lsh is not None:
+      out = self._lsh(query, value, mask, bias, deterministic)
+    elif self.bigbird is not None:
       out = self._bigbird(query, key, value, mask, bias)
     elif self.evolving is None:
       out = self._attend(query, key, value, mask, bias, dropout_rng)
@@ -225,6 +233,24 @@ class MultiHeadAttention(nn.Module):
                        param_dtype=self.param_dtype, name='out')(out)
     out = partitioning.constrain(out, ('batch', 'length', 'embed'))
     return out if self.evolving is None else (out, evolving_state)
+
+  def _lsh(self, query, value, mask, bias, deterministic):
+    """LSH attention over the whole sequence (the stacks refuse packing and prefix-LM masks
+    for lsh layers); padding from the mask's segment ids."""
+    from efficientlm.layers import lsh_attention  # pylint: disable=g-import-not-at-top
+    if self.decode is not None:
+      raise ValueError("token_mixers 'lsh' cannot decode with a KV cache (its buckets and chunks "
+                       'are over whole sequences). Decode with a model whose layers are dense '
+                       'attention, or score whole sequences.')
+    if bias is not None:
+      raise ValueError("token_mixers 'lsh' take no relative position bias: set "
+                       "TransformerConfig.position_embedding = 'rotary'.")
+    if not isinstance(mask, AttentionMask) or mask.kv_segment_ids is None:
+      raise ValueError('lsh layers need the mask as an AttentionMask with segment ids.')
+    rng = (lsh_attention.eval_rng(self.lsh, self.layer_index) if deterministic else
+           self.make_rng('lsh'))
+    return lsh_attention.lsh_attention(query, value, rng, self.lsh, causal=self.causal,
+                                       key_valid=mask.kv_segment_ids > 0)
 
   def _bigbird(self, query, key, value, mask, bias):
     """BigBird over the whole sequence: padding from the mask's segment ids (the stacks refuse

@@ -9,13 +9,14 @@ import jax.numpy as jnp
 from efficientlm.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from efficientlm.layers.bigbird import BigBirdConfig
 from efficientlm.layers.evolving_attention import EvolvingAttentionConfig
+from efficientlm.layers.lsh_attention import LshConfig
 from efficientlm.layers.moe.config import MoeConfig
 
 POSITION_EMBEDDINGS = ('relative', 'rotary')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_with_no_batch_dims')
 # What mixes information across positions in a layer (see `token_mixers`). Each name is one
 # module in efficientlm/layers; models/transformer.token_mixer builds it.
-TOKEN_MIXERS = ('attention', 'bigbird')
+TOKEN_MIXERS = ('attention', 'bigbird', 'lsh')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,8 @@ class TransformerConfig:
   token_mixers: tuple[str, ...] = ('attention',)
   # 'bigbird': block-sparse attention (layers/bigbird.py), its pattern from this config.
   bigbird: BigBirdConfig | None = None
+  # 'lsh': Reformer's LSH attention (layers/lsh_attention.py), shared query/key projection.
+  lsh: LshConfig | None = None
   # The attention-logit path between layers: each self-attention mixes its logits with the
   # previous layer's through a residual convolution (Wang et al. 2021). None: independent.
   evolving_attention: EvolvingAttentionConfig | None = None
@@ -98,6 +101,20 @@ class TransformerConfig:
         (self.attention_implementation in ('xla', 'pallas') or 'bigbird' not in self.token_mixers,
          "bigbird layers run on 'xla' (gathered blocks) or 'pallas' (block-sparse flash "
          f'kernels), not {self.attention_implementation!r}'),
+        (not self.scan_layers or not {'bigbird', 'lsh'} & set(self.token_mixers),
+         'bigbird and lsh layers draw their random blocks / hash rotations per layer, and '
+         'scanned layers are one traced function that does not know its index yet: set '
+         'scan_layers = False'),
+        ('lsh' not in self.token_mixers or self.lsh is not None,
+         "token_mixers use 'lsh': set TransformerConfig.lsh = @LshConfig() (see "
+         'configs/models/reformer/)'),
+        ('lsh' not in self.token_mixers or self.position_embedding == 'rotary',
+         "lsh layers take no relative position bias: set position_embedding = 'rotary'"),
+        ('lsh' not in self.token_mixers or kv in (self.num_heads,),
+         'lsh layers share queries and keys, with as many value heads as query heads: set '
+         f'num_kv_heads = None (got {self.num_kv_heads})'),
+        ('lsh' not in self.token_mixers or self.attention_implementation == 'xla',
+         "lsh layers have no kernel: set attention_implementation = 'xla'"),
         (self.evolving_attention is None or (set(self.token_mixers) == {'attention'} and
                                              self.attention_implementation == 'xla'),
          'evolving_attention mixes the [heads, q, k] logits of dense attention: it needs '

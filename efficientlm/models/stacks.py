@@ -64,15 +64,17 @@ def with_structure(cfg: TransformerConfig, dense: jax.Array, valid: jax.Array,
 
 def check_sequence_features(cfg: TransformerConfig, packed: bool, prefix_lm: bool = False):
   """Token mixers that see whole unpacked sequences refuse packing and prefix-LM masks here,
-  before tracing goes deeper (BigBird's pattern spans the row, not each packed example)."""
-  if 'bigbird' not in cfg.token_mixers:
+  before tracing goes deeper (BigBird's pattern and LSH's buckets span the row, not each packed
+  example)."""
+  whole_rows = sorted({'bigbird', 'lsh'} & set(cfg.token_mixers))
+  if not whole_rows:
     return
   if packed:
-    raise ValueError("token_mixers 'bigbird' attend over whole rows and do not support packed "
-                     'examples: set DatasetConfig.pack = False (e.g. --gin.train/'
+    raise ValueError(f'token_mixers {whole_rows} attend over whole rows and do not support '
+                     'packed examples: set DatasetConfig.pack = False (e.g. --gin.train/'
                      'data_config.DatasetConfig.pack=False and the same for eval/).')
   if prefix_lm:
-    raise ValueError("token_mixers 'bigbird' have a causal pattern and no prefix-LM mask: train "
+    raise ValueError(f'token_mixers {whole_rows} are causal and have no prefix-LM mask: train '
                      'a decoder-only model without prefix-LM (causal_attention), or use dense '
                      'attention layers.')
 

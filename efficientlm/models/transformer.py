@@ -33,14 +33,15 @@ def norm(cfg: TransformerConfig, name: str) -> RMSNorm:
 
 
 def attention(cfg: TransformerConfig, name: str, self_attention: bool,
-              decode: str | None = None, causal: bool = False, bigbird: bool = False,
+              decode: str | None = None, causal: bool = False, mixer: str = 'attention',
               layer_index: int = 0) -> MultiHeadAttention:
   """`decode`: None for whole sequences, else the KV-cache mode (see MultiHeadAttention).
-  Self-attention evolves its logits when the config says so (`causal`: the decoder's); with
-  `bigbird` it is block-sparse, with layer `layer_index`'s random blocks."""
+  Self-attention evolves its logits when the config says so (`causal`: the decoder's); `mixer`
+  'bigbird' makes it block-sparse (with layer `layer_index`'s random blocks), 'lsh' Reformer's."""
   return MultiHeadAttention(
       evolving=cfg.evolving_attention if self_attention else None, causal=causal,
-      bigbird=cfg.bigbird if bigbird else None, layer_index=layer_index,
+      bigbird=cfg.bigbird if mixer == 'bigbird' else None,
+      lsh=cfg.lsh if mixer == 'lsh' else None, layer_index=layer_index,
       num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
       dropout_rate=cfg.dropout_rate, scale_logits=cfg.scale_attention_logits,
       # Rotary embeddings encode positions within a sequence: not for cross-attention.
@@ -88,10 +89,9 @@ def token_mixer(cfg: TransformerConfig, mixer: str, name: str, causal: bool,
   under the T5X name of the attention it replaces, called like MultiHeadAttention.
 
   Attention-like mixers keep the attention's parameters (query, key, value, out), so a dense
-  checkpoint loads into them unchanged."""
-  if mixer in ('attention', 'bigbird'):
-    return attention(cfg, name, True, decode, causal, bigbird=mixer == 'bigbird',
-                     layer_index=layer_index)
+  checkpoint loads into BigBird layers unchanged; LSH layers have no 'key' (queries are keys)."""
+  if mixer in ('attention', 'bigbird', 'lsh'):
+    return attention(cfg, name, True, decode, causal, mixer, layer_index)
   raise ValueError(f'Unknown token mixer {mixer!r}.')  # TransformerConfig has checked it
 
 
@@ -246,7 +246,7 @@ def stack_layers(layer_cls, kinds: tuple[LayerKind, ...], cfg: TransformerConfig
     unit_kwargs = dict(layer_cls=cls, pattern=kinds[:period],
                        layer_kwargs=tuple(sorted(layer_kwargs.items())))
   scanned = nn.scan(unit, variable_axes={'params': 0, MOE_COLLECTION: 0, 'cache': 0},
-                    split_rngs={'params': True, 'dropout': True, 'jitter': True},
+                    split_rngs={'params': True, 'dropout': True, 'jitter': True, 'lsh': True},
                     in_axes=(nn.broadcast,) * len(broadcast_args), length=num_layers // period,
                     metadata_params={nn.PARTITION_NAME: 'layers'})
   x, _ = scanned(config=cfg, name='layers', **unit_kwargs)(x, *broadcast_args)
