@@ -4,7 +4,7 @@ benchmarks/compare_architectures.py (quality) compare: ONE list, `ARCHITECTURES`
 An architecture is a delta on a base model gin (default `models/decoder/tiny.gin`): gin files
 parsed after the base, then bindings. Adding one is one line, e.g. for a mixer gin:
 
-  Architecture('bigbird', ('models/mixers/bigbird.gin',), note='BigBird block-sparse'),
+  Architecture('bigbird', ('models/bigbird/bigbird.gin',), note='BigBird block-sparse'),
 
 Matched parameter counts: with `match_params=True` the row's `TransformerConfig.mlp_dim` is
 re-solved so that its parameter count is the closest possible to the baseline's (the first row,
@@ -52,6 +52,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  note='multi-head attention, XLA (the baseline)'),
     Architecture('mqa', bindings=('TransformerConfig.num_kv_heads = 1',),
                  note='multi-query attention (Shazeer 2019), MLP widened to match'),
+    Architecture('bigbird', ('models/bigbird/bigbird.gin',),
+                 ('TransformerConfig.num_kv_heads = None', 'BIGBIRD_BLOCK = 16'),
+                 note='BigBird block-sparse attention (Zaheer et al. 2020), 16-token blocks'),
+    Architecture('lsh', ('models/reformer/lsh.gin',), ('LSH_CHUNK = 16',),
+                 note='Reformer LSH attention (Kitaev et al. 2020), 2 hashes, 16-token chunks'),
+    Architecture('evolving', ('models/evolving/evolving.gin',),
+                 ('TransformerConfig.num_kv_heads = None',),
+                 note='evolving attention (Wang et al. 2021): logits convolved across layers'),
 )
 BASELINE = ARCHITECTURES[0].name
 
@@ -80,8 +88,9 @@ def build_model(gin_files: Sequence[str], bindings: Sequence[str] = ()):
   return gin_config.macro('MODEL')
 
 
-def count_params(model, length: int = 8) -> int:
-  """Parameters of `model`, from abstract shapes (nothing allocated)."""
+def count_params(model, length: int = 512) -> int:
+  """Parameters of `model`, from abstract shapes (nothing allocated; 512 tokens so that
+  block-sparse and chunked layers have several blocks)."""
   batch = model.dummy_batch(1, {'inputs': length, 'targets': length})
   abstract = jax.eval_shape(lambda: partitioning.unbox(model.init(jax.random.key(0), batch)))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))

@@ -38,7 +38,7 @@ def test_ratios_divide_by_the_baseline_at_the_same_length():
 
 @pytest.mark.slow  # two rows x (init, optimizer init, train step) compiled: ~10 s on 2 cores
 def test_tiny_bench_measures_every_row_against_dense(tmp_path):
-  points, rows = architectures_bench.run(architectures.select(None), [16], batch_size=2,
+  points, rows = architectures_bench.run(architectures.select(['mqa']), [16], batch_size=2,
                                          repeats=1, base=architectures.DEFAULT_BASE,
                                          bindings=_TINY)
   assert [p['architecture'] for p in points] == [r.arch.name for r in rows] == ['dense', 'mqa']
@@ -56,3 +56,15 @@ def test_tiny_bench_measures_every_row_against_dense(tmp_path):
   assert dense['memory_bytes'] > dense['argument_bytes']
   architectures_bench.plot(points, tmp_path / 'plot.png', 'tiny')
   assert (tmp_path / 'plot.png').stat().st_size > 0
+
+
+def test_every_row_builds_with_parameters_matched_to_dense():
+  """Every architecture gin in the row list parses on the base model and is matched: the ones
+  that add parameters (evolving's convolutions) or drop some (LSH's key projection, MQA's KV
+  heads) get the MLP width that brings them back to dense's count (within one MLP unit)."""
+  rows = architectures.resolve(architectures.select(None), bindings=['VOCAB_SIZE = 64'])
+  assert [r.arch.name for r in rows][:1] == ['dense'] and len(rows) == len(
+      architectures.ARCHITECTURES)
+  for row in rows:
+    one_unit = 128 * 2 * 2  # emb_dim x (gelu wi + wo) x layers of models/decoder/tiny.gin
+    assert abs(row.num_params - row.baseline_params) <= one_unit, row

@@ -46,7 +46,9 @@ FRAGMENTS = {'models/switch/common.gin': (['models/switch/common.gin'], ['NUM_EX
              'models/bigbird/bigbird.gin': (['models/decoder/tiny.gin',
                                              'models/bigbird/bigbird.gin'], []),
              'models/reformer/lsh.gin': (['models/decoder/tiny.gin', 'models/reformer/lsh.gin'],
-                                         [])}
+                                         []),
+             'models/evolving/evolving.gin': (['models/decoder/tiny.gin',
+                                               'models/evolving/evolving.gin'], [])}
 
 
 def _parse_shipped(path: str) -> None:
