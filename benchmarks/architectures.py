@@ -52,6 +52,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  note='multi-head attention, XLA (the baseline)'),
     Architecture('mqa', bindings=('TransformerConfig.num_kv_heads = 1',),
                  note='multi-query attention (Shazeer 2019), MLP widened to match'),
+    Architecture('reversible', ('models/reformer/reversible.gin',),
+                 bindings=('TransformerConfig.num_kv_heads = None',),
+                 note="reversible residual layers (RevNet / Reformer sec. 3), dense's parameters"),
 )
 BASELINE = ARCHITECTURES[0].name
 

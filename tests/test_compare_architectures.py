@@ -54,7 +54,7 @@ class FakeRun:
 
 
 def test_table_rows_columns_and_bits_per_byte(tmp_path):
-  table = compare.compare(tmp_path, architectures.select(None), _TASKS, _BUDGET, FakeRun())
+  table = compare.compare(tmp_path, architectures.select(['mqa']), _TASKS, _BUDGET, FakeRun())
   rows = table['rows']
   assert [(r['task'], r['architecture']) for r in rows] == [
       ('synthetic_recall', 'dense'), ('synthetic_recall', 'mqa'),
@@ -81,7 +81,7 @@ def test_table_rows_columns_and_bits_per_byte(tmp_path):
 def test_a_killed_comparison_resumes_where_it_stopped(tmp_path):
   first = FakeRun(interrupt={('synthetic_recall', 'mqa')})
   with pytest.raises(compare.Interrupted, match='run the same command again'):
-    compare.compare(tmp_path, architectures.select(None), _TASKS[:1], _BUDGET, first)
+    compare.compare(tmp_path, architectures.select(['mqa']), _TASKS[:1], _BUDGET, first)
   assert first.calls == [('synthetic_recall', 'dense'), ('synthetic_recall', 'mqa')]
   assert (tmp_path / 'synthetic_recall' / 'dense' / 'result.json').exists()
   assert not (tmp_path / 'synthetic_recall' / 'mqa' / 'result.json').exists()
@@ -89,7 +89,7 @@ def test_a_killed_comparison_resumes_where_it_stopped(tmp_path):
   # The rerun: the finished pair is skipped, the stopped one runs again (the trainer would
   # resume it from its checkpoint: same MODEL_DIR).
   second = _Resume()
-  table = compare.compare(tmp_path, architectures.select(None), _TASKS[:1], _BUDGET, second)
+  table = compare.compare(tmp_path, architectures.select(['mqa']), _TASKS[:1], _BUDGET, second)
   assert second.calls == [('synthetic_recall', 'mqa')]
   assert [r['architecture'] for r in table['rows']] == ['dense', 'mqa']
 
@@ -105,15 +105,15 @@ class _Resume(FakeRun):
 
 
 def test_another_budget_in_the_same_directory_stops(tmp_path):
-  compare.compare(tmp_path, architectures.select(None), _TASKS[:1], _BUDGET, FakeRun())
+  compare.compare(tmp_path, architectures.select(['mqa']), _TASKS[:1], _BUDGET, FakeRun())
   other = compare.Budget(steps=5, batch_size=8, warmup_steps=1, max_eval_batches=1,
                          bindings=_TINY)
   with pytest.raises(ValueError, match=r'steps.*new --output_dir'):
-    compare.compare(tmp_path, architectures.select(None), _TASKS[:1], other, FakeRun())
+    compare.compare(tmp_path, architectures.select(['mqa']), _TASKS[:1], other, FakeRun())
 
 
 def test_run_arguments_name_the_run_gin_and_budget(tmp_path):
-  row = architectures.resolve(architectures.select(None), bindings=['VOCAB_SIZE = 64'],
+  row = architectures.resolve(architectures.select(['mqa']), bindings=['VOCAB_SIZE = 64'],
                               run_gins=(compare.RUN_GIN,),
                               parse_only=[f"MODEL_DIR = '{tmp_path}'"])[0]
   argv = compare.run_arguments(row, compare.TASKS['synthetic_recall'], _BUDGET, tmp_path / 'd')
@@ -125,7 +125,7 @@ def test_run_arguments_name_the_run_gin_and_budget(tmp_path):
 
 @pytest.mark.slow  # two real training runs of 3 steps, in process: ~30 s on 2 cores
 def test_real_runs_through_the_trainer_and_a_rerun_skips_them(tmp_path):
-  table = compare.compare(tmp_path, architectures.select(None), _TASKS[:1], _BUDGET,
+  table = compare.compare(tmp_path, architectures.select(['mqa']), _TASKS[:1], _BUDGET,
                           compare.in_process_runner)
   assert [r['architecture'] for r in table['rows']] == ['dense', 'mqa']
   for row in table['rows']:
@@ -134,5 +134,5 @@ def test_real_runs_through_the_trainer_and_a_rerun_skips_them(tmp_path):
     checkpoints = pathlib.Path(row['model_dir']) / 'checkpoints'
     assert (checkpoints / '3').is_dir()  # trained to the end by the trainer itself
   rerun = FakeRun()
-  again = compare.compare(tmp_path, architectures.select(None), _TASKS[:1], _BUDGET, rerun)
+  again = compare.compare(tmp_path, architectures.select(['mqa']), _TASKS[:1], _BUDGET, rerun)
   assert rerun.calls == [] and again['rows'] == table['rows']

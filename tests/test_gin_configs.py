@@ -44,7 +44,9 @@ FRAGMENTS = {'models/switch/common.gin': (['models/switch/common.gin'], ['NUM_EX
                                                    'models/switch/decoder_common.gin'], []),
              # Architecture overlays go on top of a model gin.
              'models/bigbird/bigbird.gin': (['models/decoder/tiny.gin',
-                                             'models/bigbird/bigbird.gin'], [])}
+                                             'models/bigbird/bigbird.gin'], []),
+             'models/reformer/reversible.gin': (['models/decoder/tiny.gin',
+                                                 'models/reformer/reversible.gin'], [])}
 
 
 def _parse_shipped(path: str) -> None:
