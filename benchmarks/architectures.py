@@ -60,6 +60,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture('evolving', ('models/evolving/evolving.gin',),
                  ('TransformerConfig.num_kv_heads = None',),
                  note='evolving attention (Wang et al. 2021): logits convolved across layers'),
+    Architecture('reversible', ('models/reformer/reversible.gin',),
+                 bindings=('TransformerConfig.num_kv_heads = None',),
+                 note="reversible residual layers (RevNet / Reformer sec. 3), dense's parameters"),
+    Architecture('reformer', ('models/reformer/lsh.gin', 'models/reformer/reversible.gin'),
+                 ('LSH_CHUNK = 16',), note='Reformer: LSH attention in reversible layers'),
 )
 BASELINE = ARCHITECTURES[0].name
 

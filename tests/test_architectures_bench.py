@@ -37,7 +37,7 @@ def test_ratios_divide_by_the_baseline_at_the_same_length():
 
 
 @pytest.mark.slow  # two rows x (init, optimizer init, train step) compiled: ~10 s on 2 cores
-def test_tiny_bench_measures_every_row_against_dense(tmp_path):
+def test_tiny_bench_measures_rows_against_dense(tmp_path):
   points, rows = architectures_bench.run(architectures.select(['mqa']), [16], batch_size=2,
                                          repeats=1, base=architectures.DEFAULT_BASE,
                                          bindings=_TINY)

@@ -48,7 +48,9 @@ FRAGMENTS = {'models/switch/common.gin': (['models/switch/common.gin'], ['NUM_EX
              'models/reformer/lsh.gin': (['models/decoder/tiny.gin', 'models/reformer/lsh.gin'],
                                          []),
              'models/evolving/evolving.gin': (['models/decoder/tiny.gin',
-                                               'models/evolving/evolving.gin'], [])}
+                                               'models/evolving/evolving.gin'], []),
+             'models/reformer/reversible.gin': (['models/decoder/tiny.gin',
+                                                 'models/reformer/reversible.gin'], [])}
 
 
 def _parse_shipped(path: str) -> None:

@@ -17,6 +17,8 @@ REMAT_POLICIES = ('none', 'full', 'dots', 'dots_with_no_batch_dims')
 # What mixes information across positions in a layer (see `token_mixers`). Each name is one
 # module in efficientlm/layers; models/transformer.token_mixer builds it.
 TOKEN_MIXERS = ('attention', 'bigbird', 'lsh')
+# How a stack joins its layers (see `residual`).
+RESIDUALS = ('standard', 'reversible')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +74,14 @@ class TransformerConfig:
   # The attention-logit path between layers: each self-attention mixes its logits with the
   # previous layer's through a residual convolution (Wang et al. 2021). None: independent.
   evolving_attention: EvolvingAttentionConfig | None = None
+  # The stack's residual structure. 'standard': x + mixer(norm(x)), then + mlp(norm(.)).
+  # 'reversible' (RevNet; Reformer sec. 3): two streams, y1 = x1 + F(x2), y2 = x2 + G(y1) with
+  # F the pre-normed token mixer and G the pre-normed MLP, the same parameters as 'standard';
+  # the backward pass recomputes activations, so their memory does not grow with depth
+  # (models/reversible_transformer.py).
+  residual: str = 'standard'
+  # Reversible layers: the MLP runs on this many slices of the length (Reformer's chunking).
+  reversible_ff_chunks: int = 1
 
   def __post_init__(self):
     # gin passes lists; keep the dataclass hashable.
@@ -115,12 +125,20 @@ class TransformerConfig:
          f'num_kv_heads = None (got {self.num_kv_heads})'),
         ('lsh' not in self.token_mixers or self.attention_implementation == 'xla',
          "lsh layers have no kernel: set attention_implementation = 'xla'"),
+        (self.residual in RESIDUALS, f'residual {self.residual!r} not in {RESIDUALS}'),
+        (self.reversible_ff_chunks >= 1,
+         f'reversible_ff_chunks must be >= 1 (1: unchunked), got {self.reversible_ff_chunks}'),
+        (self.reversible_ff_chunks == 1 or self.residual == 'reversible',
+         "reversible_ff_chunks chunks the MLP of reversible layers only: set residual = "
+         "'reversible' or reversible_ff_chunks = 1"),
         (self.evolving_attention is None or (set(self.token_mixers) == {'attention'} and
                                              self.attention_implementation == 'xla'),
          'evolving_attention mixes the [heads, q, k] logits of dense attention: it needs '
          "token_mixers ('attention',) and attention_implementation 'xla' (the kernels never "
          f'form the logits); got {self.token_mixers}, {self.attention_implementation!r}'),
     ]
+    if self.residual == 'reversible':
+      checks += self._reversible_checks()
     for name in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim'):
       checks.append((getattr(self, name) > 0, f'{name} must be positive'))
     for ok, message in checks:
@@ -131,6 +149,23 @@ class TransformerConfig:
         jnp.dtype(getattr(self, name))
       except TypeError as e:
         raise ValueError(f'TransformerConfig.{name}: unknown dtype {getattr(self, name)!r}.') from e
+
+  def _reversible_checks(self) -> list[tuple[bool, str]]:
+    """What residual='reversible' cannot combine with (each branch may hold only parameters,
+    and the stack applies its layers itself)."""
+    why = "residual 'reversible'"
+    return [
+        (self.moe is None, f'{why} cannot sow the MoE auxiliary losses from inside its custom '
+         'gradient: set moe = None (dense feed-forward layers) or residual = \'standard\''),
+        (self.evolving_attention is None, f'{why} layers see one stream, not the previous '
+         "layer's logits: set evolving_attention = None or residual = 'standard'"),
+        (not self.parallel_block, f'{why} already splits each layer into F (mixer) and G (MLP) '
+         'on two streams: set parallel_block = False'),
+        (not self.scan_layers, f'{why} applies its layers unrolled under its own custom '
+         'gradient: set scan_layers = False'),
+        (self.remat_policy == 'none', f'{why} recomputes every activation in its backward pass '
+         f'already: set remat_policy = \'none\' (got {self.remat_policy!r})'),
+    ]
 
   @property
   def structured_masks(self) -> bool:

@@ -289,8 +289,8 @@ class ReversibleStack(nn.Module):
     params = [self.param(f'layers_{i}', self._init_layer, f_modules[i], g_modules[i], x, args)
               for i in range(cfg.num_layers)]
 
-    def dropout(rng):
-      return None if rng is None else {'dropout': rng}
+    def dropout(rng):  # the branches' training randomness: dropout, LSH's hash rotations
+      return None if rng is None else {'dropout': rng, 'lsh': jax.random.fold_in(rng, 1)}
 
     def branch_f(module):
       return lambda p, x, args, rng: module.apply({'params': p}, x, *args, rngs=dropout(rng))
@@ -315,7 +315,8 @@ class ReversibleStack(nn.Module):
     """Layer i's parameters: F's and G's own init (boxes kept), merged into one dict."""
     f_rng, g_rng = jax.random.split(rng)
     # mutable=True: also whatever the branch sows ('intermediates' included), to refuse it.
-    f_params = _only_params(f.init({'params': f_rng, 'dropout': f_rng}, x, *args, mutable=True),
+    f_params = _only_params(f.init({'params': f_rng, 'dropout': f_rng, 'lsh': f_rng}, x, *args,
+                                   mutable=True),
                             'make_f')
     g_params = _only_params(g.init({'params': g_rng, 'dropout': g_rng}, x, mutable=True),
                             'make_g')

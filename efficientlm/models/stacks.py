@@ -14,6 +14,7 @@ from efficientlm.layers.attention import (AttentionMask, padding_segment_ids,
 from efficientlm.layers.dense import DenseGeneral, Embed
 from efficientlm.layers.position import RelativePositionBias
 from efficientlm.models.config import TransformerConfig
+from efficientlm.models.reversible_transformer import check_decode, reversible_stack_layers
 from efficientlm.models.transformer import (DecoderLayer, EncoderLayer, hidden, initial_carry,
                                             layer_pattern, norm, residual_dropout, stack_layers)
 
@@ -102,9 +103,13 @@ class Encoder(nn.Module):
         None if segment_ids is None else masks.make_segment_mask(segment_ids, segment_ids))
     mask = with_structure(cfg, mask, valid, segment_ids, causal=False)
     bias = position_bias(cfg, positions, bidirectional=True, as_table=as_table)
-    x = hidden(stack_layers(EncoderLayer, layer_pattern(cfg, cfg.num_encoder_layers, 'encoder'),
-                            cfg, initial_carry(cfg, x), (mask, bias, positions),
-                            deterministic=deterministic))
+    kinds = layer_pattern(cfg, cfg.num_encoder_layers, 'encoder')
+    if cfg.residual == 'reversible':
+      x = reversible_stack_layers(kinds, cfg, x, (mask, bias, positions), causal=False,
+                                  deterministic=deterministic)
+    else:
+      x = hidden(stack_layers(EncoderLayer, kinds, cfg, initial_carry(cfg, x),
+                              (mask, bias, positions), deterministic=deterministic))
     x = norm(cfg, 'encoder_norm')(x)
     return partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
 
@@ -136,6 +141,7 @@ class Decoder(nn.Module):
     cfg = self.config
     if self.cross_attention and encoded is None and decode != 'step':
       raise ValueError('An encoder-decoder Decoder needs the encoder output.')
+    check_decode(cfg, decode)
     x = embed(cfg, self.shared_embedding, decoder_input_tokens, deterministic)
     if decode == 'step':
       if positions is None or cache_length is None:
@@ -167,9 +173,14 @@ class Decoder(nn.Module):
                                            *segment_ids_from_block_mask(encoder_decoder_mask))
     if self.cross_attention:
       args += (encoded, encoder_decoder_mask)
-    x = hidden(stack_layers(DecoderLayer, layer_pattern(cfg, cfg.num_decoder_layers, 'decoder'),
-                            cfg, initial_carry(cfg, x), args, deterministic=deterministic,
-                            cross_attention=self.cross_attention, decode=decode))
+    kinds = layer_pattern(cfg, cfg.num_decoder_layers, 'decoder')
+    if cfg.residual == 'reversible':
+      x = reversible_stack_layers(kinds, cfg, x, args, causal=True, deterministic=deterministic,
+                                  cross_attention=self.cross_attention)
+    else:
+      x = hidden(stack_layers(DecoderLayer, kinds, cfg, initial_carry(cfg, x), args,
+                              deterministic=deterministic, cross_attention=self.cross_attention,
+                              decode=decode))
     x = norm(cfg, 'decoder_norm')(x)
     x = partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
     if cfg.logits_via_embedding:
