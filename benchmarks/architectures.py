@@ -53,8 +53,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture('mqa', bindings=('TransformerConfig.num_kv_heads = 1',),
                  note='multi-query attention (Shazeer 2019), MLP widened to match'),
     Architecture('bigbird', ('models/bigbird/bigbird.gin',),
-                 ('TransformerConfig.num_kv_heads = None', 'BIGBIRD_BLOCK = 16'),
-                 note='BigBird block-sparse attention (Zaheer et al. 2020), 16-token blocks'),
+                 ('TransformerConfig.num_kv_heads = None', 'BIGBIRD_BLOCK = 16',
+                  'bigbird.BigBirdConfig.num_random_blocks = 1'),
+                 note='BigBird (Zaheer et al. 2020): 16-token blocks, window 3, 1 global and 1 '
+                 'random block (64-token rows have only 4 blocks)'),
     Architecture('lsh', ('models/reformer/lsh.gin',), ('LSH_CHUNK = 16',),
                  note='Reformer LSH attention (Kitaev et al. 2020), 2 hashes, 16-token chunks'),
     Architecture('evolving', ('models/evolving/evolving.gin',),

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficientlm.errors import ConfigError
 from efficientlm.kernels.block_sparse import bigbird_block_mask
 from efficientlm.kernels.flash_attention import RelativeBias, flash_attention
 from efficientlm.layers.position import relative_position_bucket
@@ -84,7 +85,7 @@ class BigBirdConfig:
     ]
     for ok, message in checks:
       if not ok:
-        raise ValueError(f'BigBirdConfig: {message}.')
+        raise ConfigError(f'BigBirdConfig: {message}.')
 
   def min_blocks(self, causal: bool) -> int:
     """Fewest blocks for which a (middle / last) query block has room for its random blocks."""
@@ -97,13 +98,13 @@ class BigBirdConfig:
     bs = self.block_size
     if length < 1 or length % bs:
       padded = -(-max(length, 1) // bs) * bs
-      raise ValueError(f'BigBirdConfig.block_size={bs} does not divide the sequence length '
+      raise ConfigError(f'BigBirdConfig.block_size={bs} does not divide the sequence length '
                        f'{length}: pad the sequence to a multiple of it (e.g. {padded}) or choose '
                        f'a block_size that divides {length}.')
     blocks, need = length // bs, self.min_blocks(causal)
     if blocks < need:
       window = 'num_window_blocks + 1' if causal else '2 * num_window_blocks + 1'
-      raise ValueError(
+      raise ConfigError(
           f'BigBirdConfig: length {length} has {blocks} blocks of block_size={bs}, but the '
           f'{"causal" if causal else "bidirectional"} pattern needs at least {need} '
           f'(num_global_blocks + {window} + num_random_blocks = {self.num_global_blocks} + '
@@ -287,7 +288,7 @@ def _check(query, key, value, config, kv_valid, bias_table, implementation):
                        f'{bias_table.num_buckets}], got {bias_table.table.shape}.')
   bs = config.block_size
   if implementation == 'pallas' and (bs < 16 or bs & (bs - 1)):
-    raise ValueError(f"BigBirdConfig.block_size={bs}: implementation='pallas' tiles the kernels "
+    raise ConfigError(f"BigBirdConfig.block_size={bs}: implementation='pallas' tiles the kernels "
                      f'with block_q = block_k = block_size, which must be a power of 2 >= 16 '
                      f"(e.g. 64); change block_size or use implementation='xla'.")
 

@@ -141,7 +141,8 @@ class EvolvingLogits(nn.Module):
   kernel footprint (q_len must equal k_len); the mask given is used as is (a prefix-LM mask
   stays bidirectional in its prefix), and without one future keys are masked.
   Parameters: conv kernel [K, K, heads, heads] (rows index query offsets, columns key offsets,
-  then input and output head) and bias [heads]; tiny, so replicated ('unmodeled' axes).
+  then input and output head) and bias [heads]; tiny, so replicated (the 'conv_*' logical
+  axes, which every partitioning rule set maps to no mesh axis).
   """
 
   config: EvolvingAttentionConfig
@@ -173,10 +174,11 @@ class EvolvingLogits(nn.Module):
       mask = jnp.tril(jnp.ones((q_len, k_len), bool))[None, None]
     k = cfg.kernel_size
     # Created in every layer, used or not, so all layers have the same parameter tree.
-    replicated = ('unmodeled',) * 4
+    replicated = ('conv_query', 'conv_key', 'conv_heads_in', 'conv_heads_out')
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, replicated),
                         (k, k, self.num_heads, self.num_heads), self.param_dtype)
-    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('unmodeled',)),
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                           ('conv_heads_out',)),
                       (self.num_heads,), self.param_dtype)
 
     def zero_masked(x):

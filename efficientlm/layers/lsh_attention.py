@@ -60,6 +60,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from efficientlm.errors import ConfigError
 from efficientlm.layers.attention import MASK_VALUE
 
 # The self key's logit: large negative but far above MASK_VALUE, so a token whose candidates are
@@ -85,7 +86,7 @@ class LshConfig:
   def __post_init__(self):
     for ok, message in self._static_checks():
       if not ok:
-        raise ValueError(f'LshConfig: {message}.')
+        raise ConfigError(f'LshConfig: {message}.')
 
   def _static_checks(self) -> list[tuple[bool, str]]:
     return [
@@ -111,7 +112,7 @@ class LshConfig:
     ]
     for ok, message in checks:
       if not ok:
-        raise ValueError(f'LshConfig: {message}.')
+        raise ConfigError(f'LshConfig: {message}.')
 
   def buckets_for(self, length: int) -> int:
     """The number of buckets used for `length` tokens (the paper's 2 L / m when None)."""

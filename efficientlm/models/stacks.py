@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientlm import partitioning
+from efficientlm.errors import ConfigError
 from efficientlm.kernels.flash_attention import RelativeBias
 from efficientlm.layers import masks
 from efficientlm.layers.attention import (AttentionMask, padding_segment_ids,
@@ -71,11 +72,11 @@ def check_sequence_features(cfg: TransformerConfig, packed: bool, prefix_lm: boo
   if not whole_rows:
     return
   if packed:
-    raise ValueError(f'token_mixers {whole_rows} attend over whole rows and do not support '
+    raise ConfigError(f'token_mixers {whole_rows} attend over whole rows and do not support '
                      'packed examples: set DatasetConfig.pack = False (e.g. --gin.train/'
                      'data_config.DatasetConfig.pack=False and the same for eval/).')
   if prefix_lm:
-    raise ValueError(f'token_mixers {whole_rows} are causal and have no prefix-LM mask: train '
+    raise ConfigError(f'token_mixers {whole_rows} are causal and have no prefix-LM mask: train '
                      'a decoder-only model without prefix-LM (causal_attention), or use dense '
                      'attention layers.')
 

@@ -260,7 +260,7 @@ def test_parameters_and_gradients():
   params = nn.unbox(variables)['params']
   shapes = lambda i: jax.tree.map(jnp.shape, params[f'evolve{i}'])
   assert shapes(0) == shapes(1) == {'kernel': (5, 5, 2, 2), 'bias': (2,)}
-  assert variables['params']['evolve0']['kernel'].names == ('unmodeled',) * 4
+  assert variables['params']['evolve0']['kernel'].names == ('conv_query', 'conv_key', 'conv_heads_in', 'conv_heads_out')
   loss = lambda p, x: model.apply({'params': p}, x, mask).sum()
   grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))

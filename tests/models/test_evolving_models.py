@@ -10,6 +10,7 @@ from efficientlm.layers.evolving_attention import EvolvingAttentionConfig
 from efficientlm.models.config import TransformerConfig
 from efficientlm.models.layer_stacking import stack_layers
 from tests import helpers
+from tests.training import tiny_run
 
 EVOLVING = EvolvingAttentionConfig(alpha=0.4, beta=0.6)
 
@@ -72,3 +73,21 @@ def test_what_it_cannot_do_is_an_error():
   params = helpers.init_params(model, batch)
   with pytest.raises(ValueError, match='evolving_attention cannot decode with a KV cache'):
     model.predict(params, jnp.asarray(batch['decoder_target_tokens'][:, :3]))
+
+
+@pytest.mark.parametrize('rules', ['tensor_parallel', 'fsdp', 'data_parallel'])
+def test_every_partitioning_rule_set_replicates_the_convolutions(rules):
+  """The [K, K, heads, heads] kernels carry four distinct logical axes that every rule set
+  maps to no mesh axis (under the main rule sets); initialized into sharded buffers as the trainer does (a repeated axis
+  name, as first written, failed there) and applied under the mesh."""
+  model = helpers.decoder_model(evolving_attention=EVOLVING)
+  batch = helpers.lm_batch(0, 8, 8, 64)
+  part = tiny_run.partitioner(rules=rules, axes=('data', 'fsdp' if rules != 'tensor_parallel'
+                                                 else 'model'))
+  params, shardings, _ = part.sharded_init(model.init, jax.random.key(0), batch)
+  evolving = shardings['params']['decoder']['layers_1']['self_attention']['evolving']
+  assert evolving['kernel'].spec == jax.sharding.PartitionSpec(None, None, None, None)
+  with part.context():
+    logits = jax.jit(model.logits)(params['params'], batch)
+  np.testing.assert_allclose(logits, model.logits(helpers.init_params(model, batch), batch),
+                             rtol=1e-5, atol=1e-5)
