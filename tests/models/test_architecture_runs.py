@@ -1,6 +1,7 @@
 """The efficient architectures through the real trainer: a run stopped at its checkpoint and
-resumed ends with exactly the parameters of an uninterrupted run (LSH's per-step hash rotations
-and the reversible layers' parameter tree in the Reformer; the logit carry of evolving attention)."""
+resumed ends with exactly the parameters of an uninterrupted run. The Reformer carries the most
+state of them: LSH's per-step hash rotations (an rng stream of their own) and the reversible
+layers' parameter tree."""
 
 import pathlib
 
@@ -9,7 +10,6 @@ import numpy as np
 import pytest
 
 from efficientlm.checkpoints.load import load_params
-from efficientlm.layers.evolving_attention import EvolvingAttentionConfig
 from efficientlm.layers.lsh_attention import LshConfig
 from tests import helpers
 from tests.training import tiny_run
@@ -17,7 +17,6 @@ from tests.training import tiny_run
 MODELS = {
     'reformer': dict(token_mixers=('lsh',), lsh=LshConfig(num_hashes=2, chunk_length=4),
                      residual='reversible', num_kv_heads=None),
-    'evolving': dict(evolving_attention=EvolvingAttentionConfig(alpha=0.5, beta=1.0)),
 }
 
 
