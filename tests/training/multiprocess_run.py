@@ -11,13 +11,18 @@ inside each. With `hold`, batch INDEX (step INDEX + 1) waits until the file PATH
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
 TOTAL_DEVICES = 8
+# A run still going after this long is hung (the tests wait 240 s): every thread's stack goes to
+# stderr, which the tests collect, so a hang in CI shows where it waits.
+STACKS_AFTER_S = 200
 
 
 def main(argv):
+  faulthandler.dump_traceback_later(STACKS_AFTER_S)
   directory, steps, delay, process_id, num_processes, port = argv[:6]
   num_processes = int(num_processes)
   # The test's own XLA flags (tests/conftest.py), with this process's share of the devices.

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from efficientlm.training import checkpoints
+from tests.training import multiprocess_run
 from tests.training import tiny_run
 from tests.training.test_trainer import _latest_params
 
@@ -43,7 +44,14 @@ def _launch(model_dir, steps, delay=0.0, *extra):
 
 
 def _finish(procs, timeout=240) -> list[str]:
-  outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+  try:
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    tails = [f'--- process {i} ---\n{p.communicate()[0][-6000:]}' for i, p in enumerate(procs)]
+    pytest.fail(f'the run did not finish in {timeout} s (stacks dumped after '
+                f'{multiprocess_run.STACKS_AFTER_S} s):\n' + '\n'.join(tails))
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
   return outputs
