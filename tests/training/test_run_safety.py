@@ -184,7 +184,11 @@ def test_a_really_full_disk_also_ends_with_one_message(small_filesystem):
   assert run.returncode == 1, err
   message = [line for line in err.splitlines() if line.startswith('efficientlm:')]
   assert len(message) == 1 and 'No space left on device' in message[0], err
-  assert 'The last good checkpoint is ' in message[0] and 'Free space there: 0.0 MiB' in message[0]
+  assert 'The last good checkpoint is ' in message[0]
+  # Measured after the failed save, when Orbax may have dropped some of its temporary files:
+  # near 0 of the 2 MiB, not always exactly 0.0 (a full-suite run failed on that once).
+  free = re.search(r'Free space there: (\d+\.\d) MiB', message[0])
+  assert free and float(free.group(1)) < 1.0, message[0]
   assert 'Traceback' not in err and len(err.splitlines()) < 20, err
   assert checkpoints.Checkpointer(small_filesystem / 'run' / 'checkpoints').steps() == [10]
 
