@@ -17,6 +17,14 @@ What a restore does with each kind of failure (`restore_latest`):
   the step is reported, renamed `<step>.unreadable` (never deleted, never listed again, so the
   step can be written anew) and the previous step tried.
 
+With several processes each reads its own shards and data position, so one may find damage the
+others do not. Every read therefore ends with the processes agreeing on its outcome (damage
+anywhere is damage everywhere, a storage error anywhere is retried everywhere), and a process
+whose read failed still reaches Orbax's end-of-restore barrier (the item handlers return the
+failure instead of raising): both barriers are device collectives, paired across processes by
+order, so a process that skipped one would pair its next collective with another process's
+barrier and garble or hang the restore.
+
 Saves are asynchronous; `poll` reports a save once Orbax has committed it (written to a temporary
 directory, then renamed: a save cut short by a crash is never listed), and a failed save raises
 a CheckpointSaveError naming the path, the free space and the last good checkpoint.
@@ -60,10 +68,18 @@ def _sums_name() -> str:
 
 
 def _own_files(directory: epath.Path) -> list[epath.Path]:
-  """The files this process's iterator wrote: under process_<i>/ where iterators use it."""
+  """The files this process's iterator wrote: those under process_<i>/, where iterators write
+  (with one process, iterators that write elsewhere are accepted too)."""
   sub = directory / f'process_{jax.process_index()}'
-  root = sub if sub.exists() else directory
-  return sorted(p for p in _walk(root) if not p.name.startswith('SHA256SUMS'))
+  if not sub.exists():
+    if jax.process_count() > 1:
+      # The processes share `directory`: files outside process_<i>/ would be written (and
+      # hashed) by several processes at once.
+      raise ValueError(f'the data iterator wrote no {sub}: with several processes, each must '
+                       'write its position under process_<its index>/ of the directory it is '
+                       'given, as efficientlm.data.DataIterator does')
+    sub = directory
+  return sorted(p for p in _walk(sub) if not p.name.startswith('SHA256SUMS'))
 
 
 def _walk(directory: epath.Path):
@@ -89,16 +105,48 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     (directory / _sums_name()).write_text(json.dumps(sums, indent=1))
 
   def restore(self, directory: epath.Path, args: DataIteratorRestore):
-    sums_file = directory / _sums_name()
-    if sums_file.exists():  # absent in checkpoints written before the sums were
-      for name, digest in json.loads(sums_file.read_text()).items():
-        if not (directory / name).exists():
-          raise UnreadableCheckpoint(f'data position file {directory / name} is missing')
-        if _sha256(directory / name) != digest:
-          raise UnreadableCheckpoint(f'data position file {directory / name} does not match '
-                                     'its checksum')
-    args.iterator.restore(str(directory))
+    try:
+      sums_file = directory / _sums_name()
+      if sums_file.exists():  # absent in checkpoints written before the sums were
+        for name, digest in json.loads(sums_file.read_text()).items():
+          if not (directory / name).exists():
+            raise UnreadableCheckpoint(f'data position file {directory / name} is missing')
+          if _sha256(directory / name) != digest:
+            raise UnreadableCheckpoint(f'data position file {directory / name} does not match '
+                                       'its checksum')
+      args.iterator.restore(str(directory))
+    except Exception as e:  # pylint: disable=broad-except  (see _ReadFailed)
+      return _ReadFailed(e)
     return args.iterator
+
+
+class ArrayHandler(ocp.StandardCheckpointHandler):
+  """Orbax's handler for a tree of arrays, returning a failed restore (see _ReadFailed)."""
+
+  def restore(self, directory: epath.Path, args=None):
+    try:
+      return super().restore(directory, args=args)
+    except Exception as e:  # pylint: disable=broad-except
+      return _ReadFailed(e)
+
+
+@ocp.args.register_with_handler(ArrayHandler, for_save=True)
+@dataclasses.dataclass
+class ArraysSave(ocp.args.StandardSave):
+  pass
+
+
+@ocp.args.register_with_handler(ArrayHandler, for_restore=True)
+@dataclasses.dataclass
+class ArraysRestore(ocp.args.StandardRestore):
+  pass
+
+
+@dataclasses.dataclass
+class _ReadFailed:
+  """What the item handlers return instead of raising: Orbax's restore then still reaches its
+  closing barrier on this process, as it does on the others (see the module docstring)."""
+  error: Exception
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
@@ -117,15 +165,19 @@ def _savable(iterator) -> bool:
   return hasattr(iterator, 'save') and hasattr(iterator, 'restore')
 
 
-def _agree(damage: UnreadableCheckpoint | None) -> UnreadableCheckpoint | None:
-  """With several processes, each reads its own shards: damage seen by one is everyone's."""
+# Outcomes of one read, worst last: every process takes the worst one any process had.
+_OK, _STORAGE, _DAMAGED = 0, 1, 2
+
+
+def _agree(outcome: int) -> tuple[int, list[int]]:
+  """(the worst outcome over all processes, the processes that had it). A collective: with
+  several processes, every one must call it at the same point."""
   if jax.process_count() == 1:
-    return damage
+    return outcome, [0]
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  seen = multihost_utils.process_allgather(np.int32(damage is not None))
-  if damage is None and np.any(seen):
-    damage = UnreadableCheckpoint(f'damage found by process(es) {np.flatnonzero(seen).tolist()}')
-  return damage
+  seen = np.asarray(multihost_utils.process_allgather(np.int32(outcome))).reshape(-1)
+  worst = int(seen.max())
+  return worst, np.flatnonzero(seen == worst).tolist()
 
 
 # --- telling damage from storage trouble -------------------------------------------------------
@@ -192,7 +244,8 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=ITEMS,
-        item_handlers={'dataset': DataIteratorHandler()})
+        item_handlers={'params': ArrayHandler(), 'opt_state': ArrayHandler(),
+                       'dataset': DataIteratorHandler()})
     self._pending: int | None = None  # the step being saved in the background
     self._failed = False  # a save failed and was reported
 
@@ -213,9 +266,9 @@ class Checkpointer:
     arrays = {'params': params} if opt_state is None else {'params': params,
                                                            'opt_state': opt_state}
     table, _ = integrity.describe(arrays)
-    items = {'params': ocp.args.StandardSave(params)}
+    items = {'params': ArraysSave(params)}
     if opt_state is not None:
-      items['opt_state'] = ocp.args.StandardSave(opt_state)
+      items['opt_state'] = ArraysSave(opt_state)
     if iterator is not None and _savable(iterator):
       items['dataset'] = DataIteratorSave(iterator)
     record = integrity.seal({
@@ -273,14 +326,12 @@ class Checkpointer:
     outlasts the retries CheckpointReadError."""
     orbax_noise.new_operation()
     for step in reversed(self.steps()):
-      damage = None
+      # Every process raises UnreadableCheckpoint at the same point or not at all: reads agree
+      # on their outcome (_read), the other checks see the same metadata and global arrays.
       try:
-        restored = self._restore(step, abstract_params, abstract_opt_state, iterator)
+        return self._restore(step, abstract_params, abstract_opt_state, iterator)
       except UnreadableCheckpoint as e:
         damage = e
-      damage = _agree(damage)
-      if damage is None:
-        return restored
       older = [s for s in self.steps() if s < step]
       moved = self._move_aside(step)
       log(f'Checkpoint {self.directory / str(step)} is unreadable: {damage}. Moved it to {moved} '
@@ -303,7 +354,7 @@ class Checkpointer:
       trees['opt_state'] = abstract_opt_state
     self._check_fits(step_dir, meta, trees)
 
-    items = {name: ocp.args.StandardRestore(tree) for name, tree in trees.items()}
+    items = {name: ArraysRestore(tree) for name, tree in trees.items()}
     restored = self._read(step_dir, lambda: self.manager.restore(
         step, args=ocp.args.Composite(**items)))
     arrays = {name: restored[name] for name in trees}
@@ -329,24 +380,43 @@ class Checkpointer:
     return Restored(step, arrays['params'], arrays.get('opt_state'))
 
   def _read(self, step_dir, fn: Callable[[], Any]):
-    """fn() with retries on storage errors; other errors mean the checkpoint is damaged."""
+    """fn() with retries on storage errors; other errors mean the checkpoint is damaged. With
+    several processes, all take the worst outcome any of them had (a collective each attempt)."""
     for attempt in range(self.read_retries + 1):
+      value, error = None, None
       try:
-        return fn()
-      except UnreadableCheckpoint:
-        raise
+        value = fn()
+        failed = [v for v in (value.values() if isinstance(value, ocp.args.Composite) else [value])
+                  if isinstance(v, _ReadFailed)]
+        if failed:
+          raise failed[0].error
       except Exception as e:  # pylint: disable=broad-except
-        if not is_storage_error(e):
-          raise UnreadableCheckpoint(_brief(e)) from e
-        if attempt == self.read_retries:
-          raise CheckpointReadError(
-              f'Checkpoint {step_dir} could not be read after {attempt + 1} attempts '
-              f'({_brief(e)}). This looks like a storage problem, not a damaged checkpoint, so '
-              'nothing was skipped or moved; check the storage and run the same command '
-              'again.') from e
-        delay = 2.0 ** attempt
-        log(f'Reading checkpoint {step_dir} failed ({_brief(e)}); retrying in {delay:.0f} s.')
-        time.sleep(delay)
+        error = e
+      local = (_OK if error is None else
+               _STORAGE if not isinstance(error, UnreadableCheckpoint) and is_storage_error(error)
+               else _DAMAGED)
+      if local != _OK and jax.process_count() > 1:  # log() shows process 0 only
+        print(f'process {jax.process_index()}: reading checkpoint {step_dir} failed: '
+              f'{_brief(error)}', flush=True)
+      outcome, where = _agree(local)
+      if outcome == _OK:
+        return value
+      if outcome == _DAMAGED:
+        if local == _DAMAGED:
+          if isinstance(error, UnreadableCheckpoint):
+            raise error
+          raise UnreadableCheckpoint(_brief(error)) from error
+        raise UnreadableCheckpoint(f'process(es) {where} found it damaged (see their output)')
+      reason = _brief(error) if error is not None else f'on process(es) {where}'
+      if attempt == self.read_retries:
+        raise CheckpointReadError(
+            f'Checkpoint {step_dir} could not be read after {attempt + 1} attempts '
+            f'({reason}). This looks like a storage problem, not a damaged checkpoint, so '
+            'nothing was skipped or moved; check the storage and run the same command '
+            'again.') from error
+      delay = 2.0 ** attempt
+      log(f'Reading checkpoint {step_dir} failed ({reason}); retrying in {delay:.0f} s.')
+      time.sleep(delay)
     raise AssertionError('unreachable')
 
   def _read_meta(self, step_dir: epath.Path) -> dict[str, Any]:

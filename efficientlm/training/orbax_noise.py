@@ -8,7 +8,7 @@ Two sources, measured on a save that hit the file-size limit (1,762 lines of std
 - Orbax's background threads log the error with its traceback (absl logger, one record per
   thread that saw it: 4 to 9 on a 2 MB tmpfs, more under load). Within one save or restore the
   first record stays, without its traceback (the error's text is in the record and in our
-  message); the repeats are dropped and counted (`dropped()`).
+  message); the repeats are dropped (and counted).
 - On a full disk (measured on a 2 MB tmpfs), Orbax's abandoned write tasks and gathering futures
   are garbage-collected as the interpreter shuts down: asyncio logs "Task exception was never
   retrieved" (or "_GatheringFuture exception ...") for each (14 records with tracebacks), and
@@ -91,11 +91,6 @@ _errors = _OrbaxErrors()
 def new_operation() -> None:
   """A save or restore begins: its first Orbax error is shown again."""
   _errors.shown = False
-
-
-def dropped() -> int:
-  """How many repeated Orbax error records were dropped in this process."""
-  return _errors.dropped
 
 
 def install() -> None:

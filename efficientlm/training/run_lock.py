@@ -3,8 +3,9 @@
 `MODEL_DIR/RUN_LOCK` is a JSON record (host, pid, start time, command, a random token, and a
 heartbeat time a background thread refreshes every `refresh_s`). It is created exclusively:
 O_CREAT | O_EXCL on a local disk, a write conditioned on the object's absence on Cloud Storage
-(gs://, through tensorstore's kvstore: a generation-0 precondition), so of two processes starting at once exactly one gets it; the other stops at once with a RunLockedError
-naming the holder. A multi-host job is one run: only process 0 takes the lock.
+(gs://, through tensorstore's kvstore: a generation-0 precondition), so of two processes
+starting at once exactly one gets it; the other stops at once with a RunLockedError naming the
+holder. A multi-host job is one run: only process 0 takes the lock.
 
 A lock is stale, and taken over with a message, when its holder is on this host and its process
 is gone, or when its heartbeat is older than `stale_after_s` (a host that died without
@@ -60,6 +61,7 @@ class _LocalFile:
     self.path = path
 
   def create(self, text: str) -> bool:
+    self.path.parent.mkdir(parents=True, exist_ok=True)  # a new MODEL_DIR
     try:
       fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -182,8 +184,6 @@ class RunLock:
             f'{_now() - float(holder.get("heartbeat", 0)):.0f} s ago')
 
   def acquire(self) -> None:
-    if isinstance(self._file, _LocalFile):  # object stores have no directories to make
-      self.path.parent.mkdir(parents=True, exist_ok=True)
     if self._file.create(json.dumps(self._record())):
       return self._start_heartbeat()
     holder = self.holder()

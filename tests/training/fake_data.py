@@ -25,6 +25,7 @@ class CountingIterator:
     self.hold = hold
     self.rows = slice(shard_index * batch_size // num_shards,
                       (shard_index + 1) * batch_size // num_shards)
+    self.shard_index = shard_index
     self.position = 0
     local = (batch_size // num_shards, length)
     self.element_spec = {'decoder_input_tokens': (local, np.int32),
@@ -53,13 +54,18 @@ class CountingIterator:
     self.position += 1
     return out
 
+  # Under process_<i>/, as efficientlm.data.DataIterator writes: the processes of a job share
+  # the checkpoint directory.
+  def _path(self, directory: str) -> pathlib.Path:
+    return pathlib.Path(directory) / f'process_{self.shard_index}' / 'position.json'
+
   def save(self, directory: str) -> None:
-    path = pathlib.Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / 'position.json').write_text(json.dumps({'position': self.position}))
+    path = self._path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({'position': self.position}))
 
   def restore(self, directory: str) -> None:
-    self.position = json.loads((pathlib.Path(directory) / 'position.json').read_text())['position']
+    self.position = json.loads(self._path(directory).read_text())['position']
 
 
 def source(batch_size: int, length: int, vocab: int, seed: int = 0, log: list | None = None,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 
 from efficientlm.errors import CheckpointMismatchError, CheckpointReadError
 from efficientlm.training import checkpoints, integrity
@@ -251,6 +252,32 @@ def test_data_position_files_are_checksummed(tmp_path, capsys):
   ckpt.close()
   assert restored.step == 1 and position.value == 10
   assert 'does not match its checksum' in capsys.readouterr().out
+
+
+def test_with_several_processes_an_iterator_must_write_under_its_process_directory(
+    tmp_path, monkeypatch):
+  """The processes of a job share the `dataset` directory: a position file outside process_<i>/
+  would be written and hashed by several of them at once (a race that once made a checkpoint
+  look damaged to one process only), so saving it is refused."""
+  class SharedFile:
+    def save(self, directory):
+      pathlib.Path(directory, 'position.json').write_text('0')
+
+  class OwnDirectory:
+    def save(self, directory):
+      pathlib.Path(directory, 'process_1').mkdir()
+      pathlib.Path(directory, 'process_1', 'position.json').write_text('0')
+
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  handler = checkpoints.DataIteratorHandler()
+  (tmp_path / 'a').mkdir()
+  with pytest.raises(ValueError, match='must write its position under process_<its index>/'):
+    handler.save(epath.Path(tmp_path / 'a'), checkpoints.DataIteratorSave(SharedFile()))
+  (tmp_path / 'b').mkdir()
+  handler.save(epath.Path(tmp_path / 'b'), checkpoints.DataIteratorSave(OwnDirectory()))
+  sums = json.loads((tmp_path / 'b' / 'SHA256SUMS.process_1.json').read_text())
+  assert list(sums) == ['process_1/position.json']
 
 
 def test_eval_and_restore_path_refuse_damaged_values(tmp_path):

@@ -136,3 +136,28 @@ def test_hard_kill_of_both_resumes_from_the_last_checkpoint(tmp_path, single_pro
   assert f'checkpoints/{saved[-1]}' in outputs[0]  # "resumed from .../checkpoints/N"
   assert f'step {saved[-1] + 1}:' in outputs[0] and f'step {saved[-1]}:' not in outputs[0]
   _assert_same_params(tmp_path, single_process)
+
+
+def test_damage_only_one_process_sees_is_everyones(tmp_path, single_process):
+  """Each process reads its own data position (and shards): when only process 1 finds the newest
+  checkpoint damaged, both must move it aside and fall back together. (A process that raised
+  inside Orbax's restore skipped its closing barrier, and the others' barrier paired with its
+  next collective: the relaunch hung.)"""
+  _finish(_launch(tmp_path, STEPS))
+  steps = checkpoints.Checkpointer(tmp_path / 'checkpoints').steps()
+  assert steps[-2:] == [10, STEPS], steps
+  position = max((p for p in (tmp_path / 'checkpoints' / str(STEPS)).glob('**/process_1/*')
+                  if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(position.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  position.write_bytes(bytes(data))
+
+  outputs = _finish(_launch(tmp_path, STEPS))
+  assert f'process 1: reading checkpoint {tmp_path / "checkpoints" / str(STEPS)} failed' in (
+      outputs[1]), outputs[1][-3000:]
+  assert 'does not match its checksum' in outputs[1]
+  assert 'process(es) [1] found it damaged' in outputs[0], outputs[0][-3000:]
+  assert 'Falling back to step 10.' in outputs[0]
+  assert 'step 11:' in outputs[0]
+  assert (tmp_path / 'checkpoints' / f'{STEPS}{checkpoints.UNREADABLE_SUFFIX}').is_dir()
+  _assert_same_params(tmp_path, single_process)
