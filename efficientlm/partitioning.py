@@ -64,7 +64,10 @@ class AxisRules:
 # batch is split over it too, so the dispatch einsum becomes an all-to-all); the router's expert
 # dimension ('unmodeled') stays replicated.
 _COMMON_PARAMS: Rules = (('layers', None), ('relpos_buckets', None), ('expert', 'expert'),
-                         ('unmodeled', None))
+                         ('unmodeled', None),
+                         # evolving attention's small convolution over [heads, q, k] maps
+                         ('conv_query', None), ('conv_key', None), ('conv_heads_in', None),
+                         ('conv_heads_out', None))
 _COMMON_ACTIVATIONS: Rules = (('batch', _BATCH), ('length', None), ('kv', None),
                               ('expert', 'expert'))
 

@@ -1,7 +1,10 @@
 """Test setup: 8 emulated CPU devices, set before JAX is imported anywhere."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Backend optimization level 0 (no LLVM optimization of the generated code; a later flag in
 # XLA_FLAGS overrides it): the suite compiles some ten thousand tiny programs (tests run models
@@ -13,6 +16,18 @@ os.environ['XLA_FLAGS'] = ' '.join(
      '--xla_force_host_platform_device_count=8']).strip()
 # The suite checks sharding on 8 devices; on a GPU machine keep it on the emulated CPUs.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the session, shared by the pytest-xdist workers and the
+# training runs tests start as subprocesses (they inherit the environment): many compile the
+# same tiny train steps. Entries are keyed by the program, the flags and the jax/XLA version, so
+# a hit is the executable a compile would give. Made by the process that loads this file first
+# (pytest's main process), removed when that process exits; a fresh one per run.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _cache = tempfile.mkdtemp(prefix='efficientlm-test-jax-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  # Cache every program, not only those that take a second or more to compile (most take less
+  # at optimization level 0, and there are thousands).
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 
 def test_ctrl_c_stops_the_suite_with_a_summary():
   suite = subprocess.Popen(
-      [sys.executable, '-m', 'pytest', '-n', '2', '-q', '-p', 'no:cacheprovider',
+      [sys.executable, '-m', 'pytest', '-n', '1', '-q', '-p', 'no:cacheprovider',
        'tests/training/test_trainer.py'], cwd=ROOT, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True, start_new_session=True)
   output = []

@@ -15,7 +15,8 @@ SHIPPED = [str(p.relative_to(gin_config.CONFIG_DIR)) for p in gin_config.shipped
 
 def _num_params() -> int:
   model = gin_config.macro('MODEL')
-  batch = model.dummy_batch(1, {'inputs': 8, 'targets': 8})
+  # 512 tokens: block-sparse layers need several blocks (abstract: nothing is computed).
+  batch = model.dummy_batch(1, {'inputs': 512, 'targets': 512})
   abstract = jax.eval_shape(lambda: partitioning.unbox(model.init(jax.random.key(0), batch)))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
 
@@ -40,7 +41,16 @@ RUN_ARGUMENTS = ('trainer.train.train_dataset', 'trainer.train.eval_dataset',
 FRAGMENTS = {'models/switch/common.gin': (['models/switch/common.gin'], ['NUM_EXPERTS = 8']),
              'models/switch/base.gin': (['models/switch/base.gin'], ['NUM_EXPERTS = 8']),
              'models/switch/decoder_common.gin': (['models/decoder/tiny.gin',
-                                                   'models/switch/decoder_common.gin'], [])}
+                                                   'models/switch/decoder_common.gin'], []),
+             # Architecture overlays go on top of a model gin.
+             'models/bigbird/bigbird.gin': (['models/decoder/tiny.gin',
+                                             'models/bigbird/bigbird.gin'], []),
+             'models/reformer/lsh.gin': (['models/decoder/tiny.gin', 'models/reformer/lsh.gin'],
+                                         []),
+             'models/evolving/evolving.gin': (['models/decoder/tiny.gin',
+                                               'models/evolving/evolving.gin'], []),
+             'models/reformer/reversible.gin': (['models/decoder/tiny.gin',
+                                                 'models/reformer/reversible.gin'], [])}
 
 
 def _parse_shipped(path: str) -> None:

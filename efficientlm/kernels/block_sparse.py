@@ -12,6 +12,8 @@ global blocks + random blocks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +29,8 @@ def bigbird_block_mask(num_q_blocks: int,
                        window_blocks: int = 1,
                        num_global: int = 1,
                        num_random: int = 1,
-                       seed: int = 0) -> np.ndarray:
+                       seed: int | Sequence[int] = 0,
+                       causal: bool = False) -> np.ndarray:
   """Bool [num_q_blocks, num_k_blocks], the BigBird pattern for self-attention.
 
   local: query block i reads key blocks j with |i - j| <= window_blocks (block i of the
@@ -35,7 +38,14 @@ def bigbird_block_mask(num_q_blocks: int,
   global: the first num_global query blocks read everything and the first num_global key blocks
     are read by everyone;
   random: every other query block also reads num_random key blocks drawn without replacement
-    from those it does not read yet (numpy generator seeded with seed, so the mask is static).
+    from those it does not read yet (numpy generator seeded with seed, so the mask is static;
+    a sequence of ints, e.g. (seed, layer, head), seeds it through numpy's SeedSequence).
+  causal: everything above is restricted to key blocks j <= i (a global query block reads its
+    past only) and random blocks are drawn from the past blocks not read yet; where fewer are
+    left, the row gets them all. The token-level causal mask inside the diagonal block is the
+    caller's (flash_attention(causal=True) ANDs it).
+
+  This is the one definition of the pattern: `layers.bigbird` derives its gather lists from it.
   """
   if min(num_q_blocks, num_k_blocks) < 1 or min(window_blocks, num_global, num_random) < 0:
     raise ValueError(f'bigbird_block_mask: need positive block counts and non-negative '
@@ -45,9 +55,11 @@ def bigbird_block_mask(num_q_blocks: int,
   cols = np.arange(num_k_blocks)[None, :]
   mask = np.abs(rows - cols) <= window_blocks
   mask |= (rows < num_global) | (cols < num_global)
+  allowed = cols <= rows if causal else np.ones_like(mask)
+  mask &= allowed
   rng = np.random.default_rng(seed)
   for i in range(num_global, num_q_blocks):
-    free = np.flatnonzero(~mask[i])
+    free = np.flatnonzero(~mask[i] & allowed[i])
     mask[i, rng.choice(free, size=min(num_random, free.size), replace=False)] = True
   return mask
 

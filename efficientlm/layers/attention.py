@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -147,6 +148,20 @@ class MultiHeadAttention(nn.Module):
   # mask's structure: pass an AttentionMask (a plain dense mask reaches only 'xla'/'cudnn').
   attention_implementation: str = 'xla'
   cross_attention: bool = False
+  # Evolving attention (layers.evolving_attention): the logits mix with the previous layer's;
+  # __call__ then takes `evolving_state` and returns (output, the state for the next layer).
+  # `causal` picks the convolution's causal footprint (decoder self-attention).
+  evolving: Any = None  # EvolvingAttentionConfig | None (imported lazily: no import cycle)
+  causal: bool = False
+  # BigBird block-sparse self-attention (layers.bigbird) instead of dense, with its pattern for
+  # layer `layer_index`; needs an AttentionMask (padding as segment ids) and, with the T5
+  # relative bias, its table (RelativeBias).
+  bigbird: Any = None  # BigBirdConfig | None
+  layer_index: int = 0
+  # Reformer LSH self-attention (layers.lsh_attention): queries double as keys (no 'key'
+  # projection), hashed into buckets by random rotations: fresh ones per training step from
+  # the 'lsh' rng stream, fixed per layer (from the config's seed) when deterministic.
+  lsh: Any = None  # LshConfig | None
   kernel_init: Callable[..., jax.Array] = initializers.attention_kernel_init
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -159,7 +174,8 @@ class MultiHeadAttention(nn.Module):
                bias: jax.Array | None = None,
                q_positions: jax.Array | None = None,
                kv_positions: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True,
+               evolving_state: tuple[jax.Array, jax.Array] | None = None):
     kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % kv_heads:
       raise ValueError(f'num_heads {self.num_heads} must be divisible by num_kv_heads {kv_heads}.')
@@ -190,7 +206,9 @@ class MultiHeadAttention(nn.Module):
         key = apply_rotary(key, kv_positions, self.rotary_max_wavelength)
       return key, value
 
-    if self.decode is None:
+    if self.lsh is not None:  # shared query/key: only values to project
+      key, value = None, project('value', inputs_kv, kv_heads, kv_axes, self.kernel_init)
+    elif self.decode is None:
       key, value = project_kv()
     else:
       key, value = self._cached_kv(project_kv, q_positions)
@@ -200,12 +218,77 @@ class MultiHeadAttention(nn.Module):
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
-    out = self._attend(query, key, value, mask, bias, dropout_rng)
+    if self.lsh is not None:
+      out = self._lsh(query, value, mask, bias, deterministic)
+    elif self.bigbird is not None:
+      out = self._bigbird(query, key, value, mask, bias)
+    elif self.evolving is None:
+      out = self._attend(query, key, value, mask, bias, dropout_rng)
+    else:
+      out, evolving_state = self._evolve(query, key, value, mask, bias, dropout_rng,
+                                         evolving_state)
     out = partitioning.constrain(out, ('batch', 'length', 'heads', 'kv'))
     out = DenseGeneral(inputs_q.shape[-1], ('joined_kv', 'embed'), axis=(-2, -1),
                        kernel_init=self.kernel_init, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='out')(out)
-    return partitioning.constrain(out, ('batch', 'length', 'embed'))
+    out = partitioning.constrain(out, ('batch', 'length', 'embed'))
+    return out if self.evolving is None else (out, evolving_state)
+
+  def _lsh(self, query, value, mask, bias, deterministic):
+    """LSH attention over the whole sequence (the stacks refuse packing and prefix-LM masks
+    for lsh layers); padding from the mask's segment ids."""
+    from efficientlm.layers import lsh_attention  # pylint: disable=g-import-not-at-top
+    if self.decode is not None:
+      raise ValueError("token_mixers 'lsh' cannot decode with a KV cache (its buckets and chunks "
+                       'are over whole sequences). Decode with a model whose layers are dense '
+                       'attention, or score whole sequences.')
+    if bias is not None:
+      raise ValueError("token_mixers 'lsh' take no relative position bias: set "
+                       "TransformerConfig.position_embedding = 'rotary'.")
+    if not isinstance(mask, AttentionMask) or mask.kv_segment_ids is None:
+      raise ValueError('lsh layers need the mask as an AttentionMask with segment ids.')
+    rng = (lsh_attention.eval_rng(self.lsh, self.layer_index) if deterministic else
+           self.make_rng('lsh'))
+    return lsh_attention.lsh_attention(query, value, rng, self.lsh, causal=self.causal,
+                                       key_valid=mask.kv_segment_ids > 0)
+
+  def _bigbird(self, query, key, value, mask, bias):
+    """BigBird over the whole sequence: padding from the mask's segment ids (the stacks refuse
+    packed examples and prefix-LM masks for bigbird layers), the bias as its table."""
+    from efficientlm.kernels.flash_attention import RelativeBias  # pylint: disable=g-import-not-at-top
+    from efficientlm.layers import bigbird  # pylint: disable=g-import-not-at-top
+    if self.decode is not None:
+      raise ValueError("token_mixers 'bigbird' cannot decode with a KV cache (its pattern is "
+                       'over whole sequences). Decode with a model whose layers are dense '
+                       "attention, or score whole sequences.")
+    if not isinstance(mask, AttentionMask) or mask.kv_segment_ids is None:
+      raise ValueError('bigbird layers need the mask as an AttentionMask with segment ids.')
+    if bias is not None and not isinstance(bias, RelativeBias):
+      raise ValueError('bigbird layers take the relative bias as its table (RelativeBias); a '
+                       'dense [q, k] bias comes only with explicit (packed) positions.')
+    implementation = 'pallas' if self.attention_implementation == 'pallas' else 'xla'
+    return bigbird.bigbird_attention(query, key, value, config=self.bigbird, causal=self.causal,
+                                     layer_index=self.layer_index,
+                                     kv_valid=mask.kv_segment_ids > 0, bias_table=bias,
+                                     implementation=implementation)
+
+  def _evolve(self, query, key, value, mask, bias, dropout_rng, state):
+    """Dense attention whose logits evolve (layers.evolving_attention); `state` is (previous
+    logits [b, heads, q, k] float32, has_previous 0/1), zeros and 0 in a stack's first layer."""
+    from efficientlm.layers import evolving_attention  # pylint: disable=g-import-not-at-top
+    if self.decode is not None:
+      raise ValueError('evolving_attention cannot decode with a KV cache: each step would need '
+                       "every layer's previous logit rows. Decode a model without "
+                       'TransformerConfig.evolving_attention, or score whole sequences.')
+    if isinstance(mask, AttentionMask):
+      mask = mask.dense
+    previous, has_previous = state
+    evolve = evolving_attention.EvolvingLogits(self.evolving, self.num_heads, causal=self.causal,
+                                               param_dtype=self.param_dtype, name='evolving')
+    logits = evolving_attention.attention_logits(query, key, bias, self.float32_logits)
+    to_softmax, passed_on = evolve(logits, previous, mask, has_previous=has_previous)
+    out = evolving_attention.attend(to_softmax, value, mask, self.dropout_rate, dropout_rng)
+    return out, (passed_on, jnp.ones_like(has_previous))
 
   def _attend(self, query, key, value, mask, bias, dropout_rng):
     """Attention through the kernel dispatcher; 'xla' gets the dense mask exactly as given."""

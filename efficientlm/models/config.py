@@ -7,10 +7,20 @@ import dataclasses
 import jax.numpy as jnp
 
 from efficientlm.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from efficientlm.layers.bigbird import BigBirdConfig
+from efficientlm.layers.evolving_attention import EvolvingAttentionConfig
+from efficientlm.layers.lsh_attention import LshConfig
 from efficientlm.layers.moe.config import MoeConfig
 
 POSITION_EMBEDDINGS = ('relative', 'rotary')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_with_no_batch_dims')
+# What mixes information across positions in a layer (see `token_mixers`). Each name is one
+# module in efficientlm/layers; models/transformer.token_mixer builds it.
+TOKEN_MIXERS = ('attention', 'bigbird', 'lsh')
+# How a stack joins its layers (see `residual`).
+RESIDUALS = ('standard', 'reversible')
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Network hyperparameters. Defaults are T5.1.1 conventions; the gins set the sizes."""
@@ -52,10 +62,31 @@ class TransformerConfig:
   # apply a case (prefix-LM masks, attention dropout, relative bias at decoding steps or with
   # explicit positions); 'auto' runs those on xla.
   attention_implementation: str = 'xla'
+  # --- architecture variation points (README, Architectures) ---
+  # The token mixer of each layer: a pattern repeated over each stack's layers, layer i using
+  # token_mixers[i % len(token_mixers)], like the MoE layouts. ('attention',) is dense attention
+  # everywhere; a hybrid such as ('bigbird', 'bigbird', 'bigbird', 'attention') is one line.
+  token_mixers: tuple[str, ...] = ('attention',)
+  # 'bigbird': block-sparse attention (layers/bigbird.py), its pattern from this config.
+  bigbird: BigBirdConfig | None = None
+  # 'lsh': Reformer's LSH attention (layers/lsh_attention.py), shared query/key projection.
+  lsh: LshConfig | None = None
+  # The attention-logit path between layers: each self-attention mixes its logits with the
+  # previous layer's through a residual convolution (Wang et al. 2021). None: independent.
+  evolving_attention: EvolvingAttentionConfig | None = None
+  # The stack's residual structure. 'standard': x + mixer(norm(x)), then + mlp(norm(.)).
+  # 'reversible' (RevNet; Reformer sec. 3): two streams, y1 = x1 + F(x2), y2 = x2 + G(y1) with
+  # F the pre-normed token mixer and G the pre-normed MLP, the same parameters as 'standard';
+  # the backward pass recomputes activations, so their memory does not grow with depth
+  # (models/reversible_transformer.py).
+  residual: str = 'standard'
+  # Reversible layers: the MLP runs on this many slices of the length (Reformer's chunking).
+  reversible_ff_chunks: int = 1
 
   def __post_init__(self):
     # gin passes lists; keep the dataclass hashable.
     object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
+    object.__setattr__(self, 'token_mixers', tuple(self.token_mixers))
     kv = self.num_kv_heads or self.num_heads
     checks = [
         (self.position_embedding in POSITION_EMBEDDINGS,
@@ -72,7 +103,42 @@ class TransformerConfig:
         (self.attention_implementation in ATTENTION_IMPLEMENTATIONS,
          f'attention_implementation {self.attention_implementation!r} not in '
          f'{ATTENTION_IMPLEMENTATIONS}'),
+        (bool(self.token_mixers) and set(self.token_mixers) <= set(TOKEN_MIXERS),
+         f'token_mixers {self.token_mixers} must be a non-empty pattern of {TOKEN_MIXERS}'),
+        ('bigbird' not in self.token_mixers or self.bigbird is not None,
+         "token_mixers use 'bigbird': set TransformerConfig.bigbird = @BigBirdConfig() (see "
+         'configs/models/bigbird/)'),
+        (self.attention_implementation in ('xla', 'pallas') or 'bigbird' not in self.token_mixers,
+         "bigbird layers run on 'xla' (gathered blocks) or 'pallas' (block-sparse flash "
+         f'kernels), not {self.attention_implementation!r}'),
+        (not self.scan_layers or not {'bigbird', 'lsh'} & set(self.token_mixers),
+         'bigbird and lsh layers draw their random blocks / hash rotations per layer, and '
+         'scanned layers are one traced function that does not know its index yet: set '
+         'scan_layers = False'),
+        ('lsh' not in self.token_mixers or self.lsh is not None,
+         "token_mixers use 'lsh': set TransformerConfig.lsh = @LshConfig() (see "
+         'configs/models/reformer/)'),
+        ('lsh' not in self.token_mixers or self.position_embedding == 'rotary',
+         "lsh layers take no relative position bias: set position_embedding = 'rotary'"),
+        ('lsh' not in self.token_mixers or kv in (self.num_heads,),
+         'lsh layers share queries and keys, with as many value heads as query heads: set '
+         f'num_kv_heads = None (got {self.num_kv_heads})'),
+        ('lsh' not in self.token_mixers or self.attention_implementation == 'xla',
+         "lsh layers have no kernel: set attention_implementation = 'xla'"),
+        (self.residual in RESIDUALS, f'residual {self.residual!r} not in {RESIDUALS}'),
+        (self.reversible_ff_chunks >= 1,
+         f'reversible_ff_chunks must be >= 1 (1: unchunked), got {self.reversible_ff_chunks}'),
+        (self.reversible_ff_chunks == 1 or self.residual == 'reversible',
+         "reversible_ff_chunks chunks the MLP of reversible layers only: set residual = "
+         "'reversible' or reversible_ff_chunks = 1"),
+        (self.evolving_attention is None or (set(self.token_mixers) == {'attention'} and
+                                             self.attention_implementation == 'xla'),
+         'evolving_attention mixes the [heads, q, k] logits of dense attention: it needs '
+         "token_mixers ('attention',) and attention_implementation 'xla' (the kernels never "
+         f'form the logits); got {self.token_mixers}, {self.attention_implementation!r}'),
     ]
+    if self.residual == 'reversible':
+      checks += self._reversible_checks()
     for name in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim'):
       checks.append((getattr(self, name) > 0, f'{name} must be positive'))
     for ok, message in checks:
@@ -83,6 +149,34 @@ class TransformerConfig:
         jnp.dtype(getattr(self, name))
       except TypeError as e:
         raise ValueError(f'TransformerConfig.{name}: unknown dtype {getattr(self, name)!r}.') from e
+
+  def _reversible_checks(self) -> list[tuple[bool, str]]:
+    """What residual='reversible' cannot combine with (each branch may hold only parameters,
+    and the stack applies its layers itself)."""
+    why = "residual 'reversible'"
+    return [
+        (self.moe is None, f'{why} cannot sow the MoE auxiliary losses from inside its custom '
+         'gradient: set moe = None (dense feed-forward layers) or residual = \'standard\''),
+        (self.evolving_attention is None, f'{why} layers see one stream, not the previous '
+         "layer's logits: set evolving_attention = None or residual = 'standard'"),
+        (not self.parallel_block, f'{why} already splits each layer into F (mixer) and G (MLP) '
+         'on two streams: set parallel_block = False'),
+        (not self.scan_layers, f'{why} applies its layers unrolled under its own custom '
+         'gradient: set scan_layers = False'),
+        (self.remat_policy == 'none', f'{why} recomputes every activation in its backward pass '
+         f'already: set remat_policy = \'none\' (got {self.remat_policy!r})'),
+    ]
+
+  @property
+  def structured_masks(self) -> bool:
+    """Whether the stacks pass masks as AttentionMask structures and the relative bias as its
+    table: the kernels and every token mixer other than dense 'xla' attention need them (dense
+    layers then build their [q, k] masks and bias themselves)."""
+    return self.attention_implementation != 'xla' or set(self.token_mixers) != {'attention'}
+
+  def mixer_pattern(self, num_layers: int) -> tuple[str, ...]:
+    """The token mixer of each of a stack's `num_layers` layers."""
+    return tuple(self.token_mixers[i % len(self.token_mixers)] for i in range(num_layers))
 
   @property
   def activation_dtype(self) -> jnp.dtype:

@@ -66,11 +66,12 @@ class BaseModel:
     return init_params
 
   def _apply(self, params, batch: Batch, rng: jax.Array | None):
-    """(logits, MoE summary). `rng` is the training randomness: dropout and router jitter draw
+    """(logits, MoE summary). `rng` is the training randomness: dropout, router jitter and LSH draw
     from their own streams of it; None means deterministic (evaluation, scoring)."""
     rngs = None
     if rng is not None:
-      rngs = {'dropout': jax.random.fold_in(rng, 0), 'jitter': jax.random.fold_in(rng, 1)}
+      rngs = {'dropout': jax.random.fold_in(rng, 0), 'jitter': jax.random.fold_in(rng, 1),
+              'lsh': jax.random.fold_in(rng, 2)}  # LSH attention's fresh hash rotations
     logits, state = self.module.apply({'params': params}, **self._inputs(batch),
                                       enable_dropout=rng is not None, rngs=rngs,
                                       mutable=[MOE_COLLECTION])

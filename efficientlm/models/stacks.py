@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientlm import partitioning
+from efficientlm.errors import ConfigError
 from efficientlm.kernels.flash_attention import RelativeBias
 from efficientlm.layers import masks
 from efficientlm.layers.attention import (AttentionMask, padding_segment_ids,
@@ -14,8 +15,9 @@ from efficientlm.layers.attention import (AttentionMask, padding_segment_ids,
 from efficientlm.layers.dense import DenseGeneral, Embed
 from efficientlm.layers.position import RelativePositionBias
 from efficientlm.models.config import TransformerConfig
-from efficientlm.models.transformer import (DecoderLayer, EncoderLayer, norm, residual_dropout,
-                                            sparse_pattern, stack_layers)
+from efficientlm.models.reversible_transformer import check_decode, reversible_stack_layers
+from efficientlm.models.transformer import (DecoderLayer, EncoderLayer, hidden, initial_carry,
+                                            layer_pattern, norm, residual_dropout, stack_layers)
 
 _HIDDEN = ('batch', 'length', 'embed')
 
@@ -33,8 +35,9 @@ def position_bias(cfg: TransformerConfig, positions: jax.Array, bidirectional: b
   """The stack's shared T5 relative position bias (None with rotary embeddings); keys are at
   `positions` too unless `key_positions` says otherwise (decoding against a cache).
 
-  `as_table` (positions 0..len-1 only): for the kernels, the bias as its [heads, buckets]
-  table, which they rebuild per block instead of materializing [heads, len, len].
+  `as_table` (positions 0..len-1 only): for the kernels and the sparse token mixers, the bias
+  as its [heads, buckets] table, which they rebuild per block instead of materializing
+  [heads, len, len].
   """
   if cfg.position_embedding != 'relative':
     return None
@@ -42,7 +45,7 @@ def position_bias(cfg: TransformerConfig, positions: jax.Array, bidirectional: b
                                 cfg.relative_attention_max_distance, dtype=cfg.activation_dtype,
                                 param_dtype=cfg.weight_dtype, name='relpos_bias')
   bias = module(positions, positions if key_positions is None else key_positions, bidirectional)
-  if not as_table or cfg.attention_implementation == 'xla':
+  if not as_table or not cfg.structured_masks:
     return bias
   # The dense bias above is then unused (jit drops it); the call creates the table.
   table = nn.unbox(module.get_variable('params', 'rel_embedding'))
@@ -52,12 +55,30 @@ def position_bias(cfg: TransformerConfig, positions: jax.Array, bidirectional: b
 
 def with_structure(cfg: TransformerConfig, dense: jax.Array, valid: jax.Array,
                    segment_ids: jax.Array | None, causal: bool):
-  """The dense mask for 'xla' (unchanged); for the other implementations an AttentionMask
-  that also carries its structure (causal, padding and packing as segment ids)."""
-  if cfg.attention_implementation == 'xla':
+  """The dense mask for dense 'xla' attention (unchanged); for the kernels and the sparse token
+  mixers an AttentionMask that also carries its structure (causal, padding and packing as
+  segment ids). Under jit, a dense mask nobody reads is never built."""
+  if not cfg.structured_masks:
     return dense
   ids = padding_segment_ids(valid, segment_ids)
   return AttentionMask(dense, ids, ids, causal=causal)
+
+
+def check_sequence_features(cfg: TransformerConfig, packed: bool, prefix_lm: bool = False):
+  """Token mixers that see whole unpacked sequences refuse packing and prefix-LM masks here,
+  before tracing goes deeper (BigBird's pattern and LSH's buckets span the row, not each packed
+  example)."""
+  whole_rows = sorted({'bigbird', 'lsh'} & set(cfg.token_mixers))
+  if not whole_rows:
+    return
+  if packed:
+    raise ConfigError(f'token_mixers {whole_rows} attend over whole rows and do not support '
+                     'packed examples: set DatasetConfig.pack = False (e.g. --gin.train/'
+                     'data_config.DatasetConfig.pack=False and the same for eval/).')
+  if prefix_lm:
+    raise ConfigError(f'token_mixers {whole_rows} are causal and have no prefix-LM mask: train '
+                     'a decoder-only model without prefix-LM (causal_attention), or use dense '
+                     'attention layers.')
 
 
 def embed(cfg: TransformerConfig, embedder: Embed, tokens: jax.Array, deterministic: bool):
@@ -72,6 +93,7 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, tokens, segment_ids=None, positions=None, deterministic=True):
     cfg = self.config
+    check_sequence_features(cfg, packed=segment_ids is not None or positions is not None)
     # Explicit (packed) positions: the kernels' relative bias has no per-example offsets yet.
     as_table = positions is None
     positions = default_positions(tokens, positions)
@@ -82,8 +104,13 @@ class Encoder(nn.Module):
         None if segment_ids is None else masks.make_segment_mask(segment_ids, segment_ids))
     mask = with_structure(cfg, mask, valid, segment_ids, causal=False)
     bias = position_bias(cfg, positions, bidirectional=True, as_table=as_table)
-    x = stack_layers(EncoderLayer, sparse_pattern(cfg, cfg.num_encoder_layers, 'encoder'), cfg,
-                     x, (mask, bias, positions), deterministic=deterministic)
+    kinds = layer_pattern(cfg, cfg.num_encoder_layers, 'encoder')
+    if cfg.residual == 'reversible':
+      x = reversible_stack_layers(kinds, cfg, x, (mask, bias, positions), causal=False,
+                                  deterministic=deterministic)
+    else:
+      x = hidden(stack_layers(EncoderLayer, kinds, cfg, initial_carry(cfg, x),
+                              (mask, bias, positions), deterministic=deterministic))
     x = norm(cfg, 'encoder_norm')(x)
     return partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
 
@@ -115,6 +142,7 @@ class Decoder(nn.Module):
     cfg = self.config
     if self.cross_attention and encoded is None and decode != 'step':
       raise ValueError('An encoder-decoder Decoder needs the encoder output.')
+    check_decode(cfg, decode)
     x = embed(cfg, self.shared_embedding, decoder_input_tokens, deterministic)
     if decode == 'step':
       if positions is None or cache_length is None:
@@ -125,6 +153,8 @@ class Decoder(nn.Module):
         mask = AttentionMask(mask, kv_lengths=positions[:, 0] + 1)
       bias = position_bias(cfg, positions, bidirectional=False, key_positions=slots[None])
     else:
+      check_sequence_features(cfg, packed=segment_ids is not None or positions is not None,
+                              prefix_lm=causal_attention is not None)
       as_table = positions is None  # as in the Encoder
       positions = default_positions(decoder_input_tokens, positions)
       # Without targets every position counts as real (no padding mask).
@@ -144,9 +174,14 @@ class Decoder(nn.Module):
                                            *segment_ids_from_block_mask(encoder_decoder_mask))
     if self.cross_attention:
       args += (encoded, encoder_decoder_mask)
-    x = stack_layers(DecoderLayer, sparse_pattern(cfg, cfg.num_decoder_layers, 'decoder'), cfg,
-                     x, args, deterministic=deterministic, cross_attention=self.cross_attention,
-                     decode=decode)
+    kinds = layer_pattern(cfg, cfg.num_decoder_layers, 'decoder')
+    if cfg.residual == 'reversible':
+      x = reversible_stack_layers(kinds, cfg, x, args, causal=True, deterministic=deterministic,
+                                  cross_attention=self.cross_attention)
+    else:
+      x = hidden(stack_layers(DecoderLayer, kinds, cfg, initial_carry(cfg, x), args,
+                              deterministic=deterministic, cross_attention=self.cross_attention,
+                              decode=decode))
     x = norm(cfg, 'decoder_norm')(x)
     x = partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
     if cfg.logits_via_embedding:

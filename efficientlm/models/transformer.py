@@ -1,11 +1,18 @@
-"""Pre-norm Transformer layers and the stack that repeats them (unrolled or nn.scan, remat)."""
+"""Pre-norm Transformer layers and the stack that repeats them (unrolled or nn.scan, remat).
+
+A layer is described by its `LayerKind`: which token mixer it uses (TransformerConfig.
+token_mixers) and whether its feed-forward is a Mixture of Experts (MoeConfig's layout). The
+stack repeats the shortest period of that pattern under nn.scan.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from efficientlm.layers.attention import MultiHeadAttention
 from efficientlm.layers.mlp import MlpBlock
@@ -26,9 +33,15 @@ def norm(cfg: TransformerConfig, name: str) -> RMSNorm:
 
 
 def attention(cfg: TransformerConfig, name: str, self_attention: bool,
-              decode: str | None = None) -> MultiHeadAttention:
-  """`decode`: None for whole sequences, else the KV-cache mode (see MultiHeadAttention)."""
+              decode: str | None = None, causal: bool = False, mixer: str = 'attention',
+              layer_index: int = 0) -> MultiHeadAttention:
+  """`decode`: None for whole sequences, else the KV-cache mode (see MultiHeadAttention).
+  Self-attention evolves its logits when the config says so (`causal`: the decoder's); `mixer`
+  'bigbird' makes it block-sparse (with layer `layer_index`'s random blocks), 'lsh' Reformer's."""
   return MultiHeadAttention(
+      evolving=cfg.evolving_attention if self_attention else None, causal=causal,
+      bigbird=cfg.bigbird if mixer == 'bigbird' else None,
+      lsh=cfg.lsh if mixer == 'lsh' else None, layer_index=layer_index,
       num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
       dropout_rate=cfg.dropout_rate, scale_logits=cfg.scale_attention_logits,
       # Rotary embeddings encode positions within a sequence: not for cross-attention.
@@ -50,14 +63,68 @@ def feed_forward(cfg: TransformerConfig, sparse: bool, causal: bool) -> nn.Modul
                   dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype, name='mlp')
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+  """What distinguishes one layer of a stack from another (hashable: scan periods compare it)."""
+
+  sparse: bool = False  # a Mixture-of-Experts feed-forward
+  mixer: str = 'attention'  # TransformerConfig.token_mixers
+
+
 def sparse_pattern(cfg: TransformerConfig, num_layers: int, stack: str) -> tuple[bool, ...]:
   if cfg.moe is None:
     return (False,) * num_layers
   return cfg.moe.sparse_layers(num_layers, stack)
 
 
+def layer_pattern(cfg: TransformerConfig, num_layers: int, stack: str) -> tuple[LayerKind, ...]:
+  """Each layer's kind: the MoE layout and the token-mixer pattern combined."""
+  return tuple(LayerKind(sparse, mixer) for sparse, mixer in
+               zip(sparse_pattern(cfg, num_layers, stack), cfg.mixer_pattern(num_layers)))
+
+
+def token_mixer(cfg: TransformerConfig, mixer: str, name: str, causal: bool,
+                decode: str | None = None, layer_index: int = 0) -> nn.Module:
+  """The self-attention sub-layer's module for `mixer` (a TransformerConfig.TOKEN_MIXERS name),
+  under the T5X name of the attention it replaces, called like MultiHeadAttention.
+
+  Attention-like mixers keep the attention's parameters (query, key, value, out), so a dense
+  checkpoint loads into BigBird layers unchanged; LSH layers have no 'key' (queries are keys)."""
+  if mixer in ('attention', 'bigbird', 'lsh'):
+    return attention(cfg, name, True, decode, causal, mixer, layer_index)
+  raise ValueError(f'Unknown token mixer {mixer!r}.')  # TransformerConfig has checked it
+
+
 def residual_dropout(cfg: TransformerConfig, x: jax.Array, deterministic: bool) -> jax.Array:
   return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+# --- what the stack carries from layer to layer ------------------------------------------------
+# The hidden state x, and with evolving attention also (the previous layer's logits [b, heads, q,
+# k] float32, has_previous): zeros and 0 before the first layer, so that scanned layers, which
+# are one traced function, see the same structure in every iteration.
+
+
+def initial_carry(cfg: TransformerConfig, x: jax.Array):
+  if cfg.evolving_attention is None:
+    return x
+  logits = jnp.zeros((x.shape[0], cfg.num_heads, x.shape[1], x.shape[1]), jnp.float32)
+  return x, (logits, jnp.zeros((), jnp.float32))
+
+
+def hidden(carry) -> jax.Array:
+  return carry[0] if isinstance(carry, tuple) else carry
+
+
+def _self_attend(module, carry, *args):
+  """(output, new carry's logit state or None) of a self-attention `module` on the carry."""
+  if isinstance(carry, tuple):
+    return module(*args, evolving_state=carry[1])
+  return module(*args), None
+
+
+def _carry(x, state):
+  return x if state is None else (x, state)
 
 
 class EncoderLayer(nn.Module):
@@ -66,16 +133,20 @@ class EncoderLayer(nn.Module):
   config: TransformerConfig
   deterministic: bool = True
   sparse: bool = False
+  mixer: str = 'attention'
+  layer_index: int = 0  # in its stack (under scan: within the scanned block)
 
   @nn.compact
-  def __call__(self, x, mask, bias, positions):
+  def __call__(self, carry, mask, bias, positions):
     cfg, det = self.config, self.deterministic
+    x = hidden(carry)
     h = norm(cfg, 'pre_attention_layer_norm')(x)
-    h = attention(cfg, 'attention', True)(h, h, mask, bias, positions, positions, det)
+    mixer = token_mixer(cfg, self.mixer, 'attention', False, layer_index=self.layer_index)
+    h, state = _self_attend(mixer, carry, h, h, mask, bias, positions, positions, det)
     x = x + residual_dropout(cfg, h, det)
     h = norm(cfg, 'pre_mlp_layer_norm')(x)
     h = feed_forward(cfg, self.sparse, causal=False)(h, det)
-    return x + residual_dropout(cfg, h, det), None
+    return _carry(x + residual_dropout(cfg, h, det), state), None
 
 
 class DecoderLayer(nn.Module):
@@ -87,18 +158,21 @@ class DecoderLayer(nn.Module):
   config: TransformerConfig
   deterministic: bool = True
   sparse: bool = False
+  mixer: str = 'attention'
+  layer_index: int = 0  # in its stack (under scan: within the scanned block)
   cross_attention: bool = True
   decode: str | None = None
 
   @nn.compact
-  def __call__(self, x, mask, bias, positions, encoded=None, encoder_decoder_mask=None):
+  def __call__(self, carry, mask, bias, positions, encoded=None, encoder_decoder_mask=None):
     cfg, det = self.config, self.deterministic
+    x = hidden(carry)
     h = norm(cfg, 'pre_self_attention_layer_norm')(x)
-    y = attention(cfg, 'self_attention', True, self.decode)(h, h, mask, bias, positions,
-                                                          positions, det)
+    mixer = token_mixer(cfg, self.mixer, 'self_attention', True, self.decode, self.layer_index)
+    y, state = _self_attend(mixer, carry, h, h, mask, bias, positions, positions, det)
     if cfg.parallel_block:  # the config allows it only without cross-attention
       y = y + feed_forward(cfg, self.sparse, causal=True)(h, det)
-      return x + residual_dropout(cfg, y, det), None
+      return _carry(x + residual_dropout(cfg, y, det), state), None
     x = x + residual_dropout(cfg, y, det)
     if self.cross_attention:
       h = norm(cfg, 'pre_cross_attention_layer_norm')(x)
@@ -107,27 +181,31 @@ class DecoderLayer(nn.Module):
       x = x + residual_dropout(cfg, h, det)
     h = norm(cfg, 'pre_mlp_layer_norm')(x)
     h = feed_forward(cfg, self.sparse, causal=True)(h, det)
-    return x + residual_dropout(cfg, h, det), None
+    return _carry(x + residual_dropout(cfg, h, det), state), None
 
 
 class LayerBlock(nn.Module):
   """`len(pattern)` consecutive layers (named layers_0, layers_1, ...): the unit that nn.scan
-  repeats when dense and sparse layers alternate."""
+  repeats when the layers' kinds alternate."""
 
   layer_cls: type
   config: TransformerConfig
-  pattern: tuple[bool, ...]
+  pattern: tuple[LayerKind, ...]
   layer_kwargs: tuple[tuple[str, Any], ...] = ()
 
   @nn.compact
   def __call__(self, x, *args):
-    for j, sparse in enumerate(self.pattern):
-      x, _ = self.layer_cls(config=self.config, sparse=sparse, name=f'layers_{j}',
-                            **dict(self.layer_kwargs))(x, *args)
+    for j, kind in enumerate(self.pattern):
+      x, _ = self.layer_cls(config=self.config, name=f'layers_{j}', layer_index=j,
+                            **_kind_kwargs(kind), **dict(self.layer_kwargs))(x, *args)
     return x, None
 
 
-def pattern_period(pattern: tuple[bool, ...]) -> int:
+def _kind_kwargs(kind: LayerKind) -> dict[str, Any]:
+  return dataclasses.asdict(kind)
+
+
+def pattern_period(pattern: tuple) -> int:
   """The shortest period p (dividing the length) with pattern[i] == pattern[i % p]."""
   n = len(pattern)
   for p in range(1, n + 1):
@@ -136,37 +214,39 @@ def pattern_period(pattern: tuple[bool, ...]) -> int:
   return n
 
 
-def stack_layers(layer_cls, sparse: tuple[bool, ...], cfg: TransformerConfig, x: jax.Array,
+def stack_layers(layer_cls, kinds: tuple[LayerKind, ...], cfg: TransformerConfig, x: jax.Array,
                  broadcast_args: tuple, **layer_kwargs) -> jax.Array:
-  """Applies len(sparse) layers of `layer_cls` to `x` (layer i sparse iff sparse[i]), inside the
+  """Applies len(kinds) layers of `layer_cls` to `x` (layer i of kind kinds[i]), inside the
   calling module's scope.
 
   Unscanned, the layers are named layers_0 ... layers_{n-1} (T5X checkpoint names). With
   `cfg.scan_layers` they are one nn.scan named `layers` whose parameters carry a leading axis
-  (logical name 'layers'), so compile time does not grow with depth. If dense and sparse layers
-  alternate with period p > 1, the scan repeats blocks of p layers (layers/layers_0 ...
-  layers/layers_{p-1}) n / p times.
+  (logical name 'layers'), so compile time does not grow with depth. If the kinds (dense and
+  sparse feed-forward, token mixers) alternate with period p > 1, the scan repeats blocks of p
+  layers (layers/layers_0 ... layers/layers_{p-1}) n / p times. Each layer gets its
+  `layer_index` (BigBird draws its random blocks from it); scanned layers are one traced
+  function, so under scan the index is the position within the scanned block.
   """
-  num_layers = len(sparse)
+  num_layers = len(kinds)
   cls = layer_cls
   if cfg.remat_policy != 'none':
     # prevent_cse is unnecessary inside scan and costs performance there.
     cls = nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
   if not cfg.scan_layers:
     for i in range(num_layers):
-      x, _ = cls(config=cfg, sparse=sparse[i], name=f'layers_{i}', **layer_kwargs)(
-          x, *broadcast_args)
+      x, _ = cls(config=cfg, name=f'layers_{i}', layer_index=i, **_kind_kwargs(kinds[i]),
+                 **layer_kwargs)(x, *broadcast_args)
     return x
   # An irregular pattern is one block scanned once: correct, without the compile-time gain.
-  period = pattern_period(sparse)
+  period = pattern_period(kinds)
   if period == 1:
-    unit, unit_kwargs = cls, dict(layer_kwargs, sparse=sparse[0])
+    unit, unit_kwargs = cls, dict(layer_kwargs, **_kind_kwargs(kinds[0]))
   else:
     unit = LayerBlock
-    unit_kwargs = dict(layer_cls=cls, pattern=sparse[:period],
+    unit_kwargs = dict(layer_cls=cls, pattern=kinds[:period],
                        layer_kwargs=tuple(sorted(layer_kwargs.items())))
   scanned = nn.scan(unit, variable_axes={'params': 0, MOE_COLLECTION: 0, 'cache': 0},
-                    split_rngs={'params': True, 'dropout': True, 'jitter': True},
+                    split_rngs={'params': True, 'dropout': True, 'jitter': True, 'lsh': True},
                     in_axes=(nn.broadcast,) * len(broadcast_args), length=num_layers // period,
                     metadata_params={nn.PARTITION_NAME: 'layers'})
   x, _ = scanned(config=cfg, name='layers', **unit_kwargs)(x, *broadcast_args)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,9 +72,19 @@ def _assert_same_params(directory, reference):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOLERANCE), params, reference[1])
 
 
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory):
+  """The same run as two processes with one mesh over their 8 devices: (directory, outputs)."""
+  directory = tmp_path_factory.mktemp('two_processes')
+  return directory, _finish(_launch(directory, STEPS))
+
+
 @pytest.mark.parametrize('mesh', ['one_mesh', 'hybrid'])
-def test_two_processes_train_like_one(tmp_path, single_process, mesh):
-  outputs = _finish(_launch(tmp_path, STEPS, 0.0, *(['hybrid'] if mesh == 'hybrid' else [])))
+def test_two_processes_train_like_one(tmp_path, single_process, two_processes, mesh):
+  if mesh == 'one_mesh':
+    tmp_path, outputs = two_processes
+  else:
+    outputs = _finish(_launch(tmp_path, STEPS, 0.0, 'hybrid'))
   assert f'step {STEPS}:' in outputs[0]
   assert 'step ' not in outputs[1]  # logs and metrics come from process 0 only
   _assert_same_params(tmp_path, single_process)
@@ -138,12 +149,13 @@ def test_hard_kill_of_both_resumes_from_the_last_checkpoint(tmp_path, single_pro
   _assert_same_params(tmp_path, single_process)
 
 
-def test_damage_only_one_process_sees_is_everyones(tmp_path, single_process):
+def test_damage_only_one_process_sees_is_everyones(tmp_path, single_process, two_processes):
   """Each process reads its own data position (and shards): when only process 1 finds the newest
   checkpoint damaged, both must move it aside and fall back together. (A process that raised
   inside Orbax's restore skipped its closing barrier, and the others' barrier paired with its
   next collective: the relaunch hung.)"""
-  _finish(_launch(tmp_path, STEPS))
+  shutil.copytree(two_processes[0], tmp_path, dirs_exist_ok=True)
+  (tmp_path / 'RUN_LOCK').unlink(missing_ok=True)
   steps = checkpoints.Checkpointer(tmp_path / 'checkpoints').steps()
   assert steps[-2:] == [10, STEPS], steps
   position = max((p for p in (tmp_path / 'checkpoints' / str(STEPS)).glob('**/process_1/*')

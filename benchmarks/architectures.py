@@ -1,0 +1,149 @@
+"""The architectures that benchmarks/architectures_bench.py (speed, memory) and
+benchmarks/compare_architectures.py (quality) compare: ONE list, `ARCHITECTURES`.
+
+An architecture is a delta on a base model gin (default `models/decoder/tiny.gin`): gin files
+parsed after the base, then bindings. Adding one is one line, e.g. for a mixer gin:
+
+  Architecture('bigbird', ('models/bigbird/bigbird.gin',), note='BigBird block-sparse'),
+
+Matched parameter counts: with `match_params=True` the row's `TransformerConfig.mlp_dim` is
+re-solved so that its parameter count is the closest possible to the baseline's (the first row,
+dense multi-head attention) at the same base, vocabulary and bindings. The count is affine in
+mlp_dim (every layer has mlp_dim x emb_dim x (activations + 1) weights, plus biases if any), so
+two evaluations give the slope and the solution exactly; the reported counts show what remains
+(a few hundred parameters at most: mlp_dim moves in whole units). E.g. multi-query attention
+drops (num_heads - 1) x head_dim x emb_dim x 2 key/value weights per layer; the solve gives
+them back to the MLP. A row whose extra parameters are the point (MoE) sets match_params=False.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+
+from efficientlm import gin_config, partitioning
+
+DEFAULT_BASE = 'models/decoder/tiny.gin'
+_MLP_DIM = 'TransformerConfig.mlp_dim'
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """A row of the comparisons: gin files and bindings applied after the base model gin."""
+
+  name: str
+  gin_files: tuple[str, ...] = ()
+  bindings: tuple[str, ...] = ()
+  match_params: bool = True
+  note: str = ''
+
+  def __post_init__(self):
+    if not self.name or not self.name.replace('_', '').replace('-', '').isalnum():
+      raise ValueError(f'Architecture.name = {self.name!r}; use letters, digits, _ and - (it '
+                       'names a MODEL_DIR and a table row).')
+
+
+# The first row is the baseline every ratio divides by.
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture('dense', bindings=('TransformerConfig.num_kv_heads = None',), match_params=False,
+                 note='multi-head attention, XLA (the baseline)'),
+    Architecture('mqa', bindings=('TransformerConfig.num_kv_heads = 1',),
+                 note='multi-query attention (Shazeer 2019), MLP widened to match'),
+    Architecture('bigbird', ('models/bigbird/bigbird.gin',),
+                 ('TransformerConfig.num_kv_heads = None', 'BIGBIRD_BLOCK = 16',
+                  'bigbird.BigBirdConfig.num_random_blocks = 1'),
+                 note='BigBird (Zaheer et al. 2020): 16-token blocks, window 3, 1 global and 1 '
+                 'random block (64-token rows have only 4 blocks)'),
+    Architecture('lsh', ('models/reformer/lsh.gin',), ('LSH_CHUNK = 16',),
+                 note='Reformer LSH attention (Kitaev et al. 2020), 2 hashes, 16-token chunks'),
+    Architecture('evolving', ('models/evolving/evolving.gin',),
+                 ('TransformerConfig.num_kv_heads = None',),
+                 note='evolving attention (Wang et al. 2021): logits convolved across layers'),
+    Architecture('reversible', ('models/reformer/reversible.gin',),
+                 bindings=('TransformerConfig.num_kv_heads = None',),
+                 note="reversible residual layers (RevNet / Reformer sec. 3), dense's parameters"),
+    Architecture('reformer', ('models/reformer/lsh.gin', 'models/reformer/reversible.gin'),
+                 ('LSH_CHUNK = 16',), note='Reformer: LSH attention in reversible layers'),
+)
+BASELINE = ARCHITECTURES[0].name
+
+
+def select(names: Sequence[str] | None) -> list[Architecture]:
+  """The named architectures in ARCHITECTURES order, the baseline always first (ratios need it)."""
+  known = {a.name: a for a in ARCHITECTURES}
+  unknown = [n for n in names or () if n not in known]
+  if unknown:
+    raise ValueError(f'Unknown architectures {unknown}; known: {list(known)} (add a row to '
+                     'benchmarks/architectures.py:ARCHITECTURES).')
+  wanted = set(names or known) | {BASELINE}
+  return [a for a in ARCHITECTURES if a.name in wanted]
+
+
+def gin_arguments(arch: Architecture, base: str, bindings: Sequence[str] = (),
+                  run_gins: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+  """(gin files, bindings) of the row: the base, the row's delta, then `run_gins` (a run gin,
+  for the trainer) and `bindings` (shared settings such as the vocabulary, applied last)."""
+  return [base, *arch.gin_files, *run_gins], [*arch.bindings, *bindings]
+
+
+def build_model(gin_files: Sequence[str], bindings: Sequence[str] = ()):
+  """The MODEL macro of the parsed gin files (gin is cleared first)."""
+  gin_config.parse(gin_files, bindings)
+  return gin_config.macro('MODEL')
+
+
+def count_params(model, length: int = 512) -> int:
+  """Parameters of `model`, from abstract shapes (nothing allocated; 512 tokens so that
+  block-sparse and chunked layers have several blocks)."""
+  batch = model.dummy_batch(1, {'inputs': length, 'targets': length})
+  abstract = jax.eval_shape(lambda: partitioning.unbox(model.init(jax.random.key(0), batch)))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """An architecture made concrete at one base and set of bindings."""
+
+  arch: Architecture
+  gin_files: tuple[str, ...]
+  bindings: tuple[str, ...]  # including the matched mlp_dim, if any
+  num_params: int
+  baseline_params: int
+
+  @property
+  def param_ratio(self) -> float:
+    return self.num_params / self.baseline_params
+
+
+def resolve(archs: Sequence[Architecture], base: str = DEFAULT_BASE,
+            bindings: Sequence[str] = (), run_gins: Sequence[str] = (),
+            parse_only: Sequence[str] = ()) -> list[Resolved]:
+  """Each row's gin arguments and parameter count, mlp_dim matched to the first row's count.
+  `parse_only`: bindings the gin files need to parse (a required MODEL_DIR), not the row's."""
+
+  def model_of(files, extra):
+    return build_model(files, [*extra, *parse_only])
+
+  files, extra = gin_arguments(archs[0], base, bindings, run_gins)
+  target = count_params(model_of(files, extra))
+  rows = []
+  for arch in archs:
+    files, extra = gin_arguments(arch, base, bindings, run_gins)
+    model = model_of(files, extra)
+    count = count_params(model)
+    if arch.match_params and count != target:
+      width = model.module.config.mlp_dim
+      step = 64
+      slope = (count_params(model_of(files, [*extra, f'{_MLP_DIM} = {width + step}']))
+               - count) / step
+      if slope <= 0:
+        raise ValueError(f'Architecture {arch.name!r}: its parameter count does not grow with '
+                         f'{_MLP_DIM}, so it cannot be matched; set match_params=False.')
+      width = max(1, width + round((target - count) / slope))
+      extra = [*extra, f'{_MLP_DIM} = {width}']
+      count = count_params(model_of(files, extra))
+    rows.append(Resolved(arch, tuple(files), tuple(extra), count, target))
+  return rows
