@@ -3,13 +3,10 @@ resumed ends with exactly the parameters of an uninterrupted run. The Reformer c
 state of them: LSH's per-step hash rotations (an rng stream of their own) and the reversible
 layers' parameter tree."""
 
-import pathlib
-
 import jax
 import numpy as np
 import pytest
 
-from efficientlm.checkpoints.load import load_params
 from efficientlm.layers.lsh_attention import LshConfig
 from tests import helpers
 from tests.training import tiny_run
@@ -20,15 +17,6 @@ MODELS = {
 }
 
 
-def _latest_params(model, model_dir):
-  batch = helpers.lm_batch(0, tiny_run.BATCH, tiny_run.LENGTH, tiny_run.VOCAB)
-  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  abstract, _ = tiny_run.partitioner().abstract_params(model.param_initializer(spec),
-                                                      jax.random.key(0))
-  step, params, _ = load_params(str(pathlib.Path(model_dir) / 'checkpoints'), abstract)
-  return step, params
-
-
 @pytest.mark.slow  # three short runs, each compiling its train step
 @pytest.mark.parametrize('name', sorted(MODELS))
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, name):
@@ -36,7 +24,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, name):
   tiny_run.train(tmp_path / 'straight', 20, model=model)
   tiny_run.train(tmp_path / 'resumed', 10, model=model)  # ends with checkpoint 10
   tiny_run.train(tmp_path / 'resumed', 20, model=model)
-  step_a, a = _latest_params(model, tmp_path / 'straight')
-  step_b, b = _latest_params(model, tmp_path / 'resumed')
+  step_a, a = tiny_run.latest_params(tmp_path / 'straight', model)
+  step_b, b = tiny_run.latest_params(tmp_path / 'resumed', model)
   assert step_a == step_b == 20
   jax.tree.map(np.testing.assert_array_equal, a, b)

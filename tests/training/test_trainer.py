@@ -13,25 +13,14 @@ import optax
 import pytest
 
 from efficientlm import partitioning
-from efficientlm.checkpoints.load import load_params
 from efficientlm.training import checkpoints, optimizers, trainer
 from efficientlm.training.steps import TrainState, make_train_step
 from tests import helpers
 from tests.training import fake_data, tiny_run
 
 VOCAB, LENGTH, BATCH = tiny_run.VOCAB, tiny_run.LENGTH, tiny_run.BATCH
-_model, _partitioner, _adamw, _train = (tiny_run.model, tiny_run.partitioner, tiny_run.adamw,
-                                        tiny_run.train)
-
-
-def _latest_params(model_dir):
-  """(step, parameters) of a run's newest checkpoint."""
-  batch = helpers.lm_batch(0, 8, 8, VOCAB)
-  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  abstract, _ = _partitioner().abstract_params(_model().param_initializer(spec),
-                                               jax.random.key(0))
-  step, params, _ = load_params(str(pathlib.Path(model_dir) / 'checkpoints'), abstract)
-  return step, params
+_model, _partitioner, _adamw, _train, _latest_params = (
+    tiny_run.model, tiny_run.partitioner, tiny_run.adamw, tiny_run.train, tiny_run.latest_params)
 
 
 def test_microbatches_equal_the_full_batch_step():

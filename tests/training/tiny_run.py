@@ -5,9 +5,13 @@ ends the subprocess as `python -m efficientlm.main` ends: its message, exit stat
 
 from __future__ import annotations
 
+import pathlib
 import sys
 
+import jax
+
 from efficientlm import partitioning
+from efficientlm.checkpoints.load import load_params
 from efficientlm.errors import RunError
 from efficientlm.training import optimizers, trainer
 from tests import helpers
@@ -32,6 +36,16 @@ def partitioner(devices=None, shape=(2, 4), axes=('data', 'model'), rules='tenso
 
 def adamw(learning_rate=3e-3):
   return optimizers.adamw(optimizers.constant_schedule(learning_rate), weight_decay=0.01)
+
+
+def latest_params(model_dir, for_model=None):
+  """(step, parameters) of the newest checkpoint of a run of `for_model` (default: `model()`)."""
+  batch = helpers.lm_batch(0, BATCH, LENGTH, VOCAB)
+  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  abstract, _ = partitioner().abstract_params(
+      (for_model or model()).param_initializer(spec), jax.random.key(0))
+  step, params, _ = load_params(str(pathlib.Path(model_dir) / 'checkpoints'), abstract)
+  return step, params
 
 
 def train(model_dir, steps, log=None, delay=0.0, hold=None, **kwargs):
