@@ -20,7 +20,6 @@ import pytest
 from efficientlm.training import checkpoints
 from tests.training import multiprocess_run
 from tests.training import tiny_run
-from tests.training.test_trainer import _latest_params
 
 pytestmark = pytest.mark.slow  # every test here runs for 10 s or more
 
@@ -63,11 +62,11 @@ def single_process(tmp_path_factory):
   """The reference: the same run in this one process over all 8 devices."""
   directory = tmp_path_factory.mktemp('single')
   tiny_run.train(directory, STEPS)
-  return _latest_params(directory)
+  return tiny_run.latest_params(directory)
 
 
 def _assert_same_params(directory, reference):
-  step, params = _latest_params(directory)
+  step, params = tiny_run.latest_params(directory)
   assert step == reference[0]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOLERANCE), params, reference[1])
 
@@ -81,13 +80,11 @@ def two_processes(tmp_path_factory):
 
 @pytest.mark.parametrize('mesh', ['one_mesh', 'hybrid'])
 def test_two_processes_train_like_one(tmp_path, single_process, two_processes, mesh):
-  if mesh == 'one_mesh':
-    tmp_path, outputs = two_processes
-  else:
-    outputs = _finish(_launch(tmp_path, STEPS, 0.0, 'hybrid'))
+  directory, outputs = (two_processes if mesh == 'one_mesh' else
+                        (tmp_path, _finish(_launch(tmp_path, STEPS, 0.0, 'hybrid'))))
   assert f'step {STEPS}:' in outputs[0]
   assert 'step ' not in outputs[1]  # logs and metrics come from process 0 only
-  _assert_same_params(tmp_path, single_process)
+  _assert_same_params(directory, single_process)
 
 
 # 'both': a preemption signals every VM. 'one': only process 1 (which logs nothing) is signalled;
