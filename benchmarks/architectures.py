@@ -67,6 +67,18 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  note="reversible residual layers (RevNet / Reformer sec. 3), dense's parameters"),
     Architecture('reformer', ('models/reformer/lsh.gin', 'models/reformer/reversible.gin'),
                  ('LSH_CHUNK = 16',), note='Reformer: LSH attention in reversible layers'),
+    Architecture('h3', ('models/h3/h3.gin',),
+                 note='H3 (Fu et al. 2023): shift SSM, diagonal SSM on K x V, read by Q; FFT'),
+    Architecture('h3_hybrid', ('models/h3/hybrid.gin',),
+                 ('TransformerConfig.num_kv_heads = None',),
+                 note='H3 and dense attention layers alternating (the paper\'s hybrid)'),
+    Architecture('s4d', ('models/h3/s4d.gin',),
+                 note='plain diagonal SSM (S4D): no shift, no multiplicative structure'),
+    Architecture('gss', ('models/gss/gss.gin',),
+                 note='GSS (Mehta et al. 2023): GELU-gated diagonal SSM on emb/4 channels'),
+    Architecture('gss_hybrid', ('models/gss/hybrid.gin',),
+                 ('TransformerConfig.num_kv_heads = None', 'GSS_ATTENTION_WINDOW = 16'),
+                 note='GSS and local attention (16-token window) alternating'),
 )
 BASELINE = ARCHITECTURES[0].name
 

@@ -67,7 +67,11 @@ _COMMON_PARAMS: Rules = (('layers', None), ('relpos_buckets', None), ('expert', 
                          ('unmodeled', None),
                          # evolving attention's small convolution over [heads, q, k] maps
                          ('conv_query', None), ('conv_key', None), ('conv_heads_in', None),
-                         ('conv_heads_out', None))
+                         ('conv_heads_out', None),
+                         # state space and Fourier mixers (layers/ssm.py, fourier_mixing.py):
+                         # small per-channel tables, replicated
+                         ('ssm_channels', None), ('ssm_modes', None), ('ssm_taps', None),
+                         ('complex', None), ('fourier_frequencies', None))
 _COMMON_ACTIVATIONS: Rules = (('batch', _BATCH), ('length', None), ('kv', None),
                               ('expert', 'expert'))
 

@@ -51,6 +51,12 @@ FRAGMENTS = {'models/switch/common.gin': (['models/switch/common.gin'], ['NUM_EX
                                                'models/evolving/evolving.gin'], []),
              'models/reformer/reversible.gin': (['models/decoder/tiny.gin',
                                                  'models/reformer/reversible.gin'], [])}
+FRAGMENTS.update({path: (['models/decoder/tiny.gin', path], []) for path in (
+    'models/h3/h3.gin', 'models/h3/hybrid.gin', 'models/h3/s4d.gin', 'models/gss/gss.gin',
+    'models/gss/hybrid.gin')})
+FRAGMENTS.update({f'models/fnet/{name}.gin': (['models/t5_1_1/tiny.gin', f'models/fnet/{name}.gin'],
+                                              []) for name in ('fnet', 'fnet_seq', 'low_pass',
+                                                               'global_filter')})
 
 
 def _parse_shipped(path: str) -> None:

@@ -1,7 +1,9 @@
 """Prefill and one-token steps of our Flax models against a KV cache.
 
 The cache is the models' 'cache' collection: per attention layer `cached_key`/`cached_value`
-[batch, slots, kv_heads, head_dim] (a leading layer axis when layers are scanned). Only the KV
+[batch, slots, kv_heads, head_dim] (a leading layer axis when layers are scanned); per H3 or
+GSS layer its recurrent state (`ssm_state`, H3's `shift_state`), whose size does not grow
+with the length. Only the KV
 heads are stored, so multi-query and grouped-query models keep their memory saving. Sequences
 are right-padded; slot i holds position i, so prompts of different lengths decode in one batch,
 each writing at its own position.
@@ -73,12 +75,17 @@ def init_cache(model: BaseModel, params, batch_size: int, cache_length: int,
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
 
 
-def cache_length(cache: Cache) -> int:
-  """Decoder slots of a cache (from any self-attention key)."""
+def cache_length(cache: Cache) -> int | None:
+  """Decoder slots of a cache (from any self-attention key); None for a decoder of recurrent
+  layers only (H3, GSS: their states have no slots, so any length decodes)."""
+  recurrent = False
   for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
     names = [str(getattr(k, 'key', k)) for k in path]
     if 'self_attention' in names and names[-1] == 'cached_key':
       return leaf.shape[-3]
+    recurrent |= names[-1] == 'ssm_state'
+  if recurrent:
+    return None
   raise ValueError('No self-attention KV cache found; create one with init_cache.')
 
 
@@ -88,7 +95,7 @@ def prefill(model: BaseModel, params, cache: Cache, prompt: jax.Array, prompt_le
   BOS included) through the model, filling slots [0, P). Returns (logits [batch, P, vocab],
   cache). Encoder-decoder models encode `encoder_tokens` here and cache the cross-attention."""
   slots = cache_length(cache)
-  if prompt.shape[1] > slots:
+  if slots is not None and prompt.shape[1] > slots:
     raise ValueError(f'Prompt of {prompt.shape[1]} tokens does not fit the KV cache of {slots} '
                      'slots; create a longer cache.')
   valid = (jnp.arange(prompt.shape[1])[None, :] < prompt_lengths[:, None]).astype(jnp.int32)

@@ -9,14 +9,22 @@ import jax.numpy as jnp
 from efficientlm.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from efficientlm.layers.bigbird import BigBirdConfig
 from efficientlm.layers.evolving_attention import EvolvingAttentionConfig
+from efficientlm.layers.fourier_mixing import FourierConfig
+from efficientlm.layers.gss import GssConfig
+from efficientlm.layers.h3 import H3Config
 from efficientlm.layers.lsh_attention import LshConfig
 from efficientlm.layers.moe.config import MoeConfig
+from efficientlm.layers.ssm import SsmConfig
 
 POSITION_EMBEDDINGS = ('relative', 'rotary')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_with_no_batch_dims')
 # What mixes information across positions in a layer (see `token_mixers`). Each name is one
 # module in efficientlm/layers; models/transformer.token_mixer builds it.
-TOKEN_MIXERS = ('attention', 'bigbird', 'lsh')
+TOKEN_MIXERS = ('attention', 'bigbird', 'lsh', 'h3', 'gss', 's4d', 'fnet')
+# Attention-free mixers: causal state space models (recurrent decoding, no KV cache) and
+# FNet's bidirectional Fourier mixing (encoders only).
+SSM_MIXERS = ('h3', 'gss', 's4d')
+ATTENTION_MIXERS = ('attention', 'bigbird', 'lsh')
 # How a stack joins its layers (see `residual`).
 RESIDUALS = ('standard', 'reversible')
 
@@ -67,6 +75,19 @@ class TransformerConfig:
   # token_mixers[i % len(token_mixers)], like the MoE layouts. ('attention',) is dense attention
   # everywhere; a hybrid such as ('bigbird', 'bigbird', 'bigbird', 'attention') is one line.
   token_mixers: tuple[str, ...] = ('attention',)
+  # The encoder's pattern when it differs from the decoder's (None: token_mixers), e.g. FNet's
+  # ('fnet',) in a T5 encoder whose decoder keeps attention.
+  encoder_token_mixers: tuple[str, ...] | None = None
+  # 'h3' (layers/h3.py), 'gss' (layers/gss.py): causal state space mixers; 'fnet'
+  # (layers/fourier_mixing.py): Fourier mixing, bidirectional, for encoders.
+  h3: H3Config | None = None
+  gss: GssConfig | None = None
+  # 's4d' (layers/ssm.S4dMixer): a plain diagonal SSM layer, the baseline of H3's ablations.
+  s4d: SsmConfig | None = None
+  fourier: FourierConfig | None = None
+  # Self-attention layers read only keys within this many positions (|i - j| < window; causal
+  # in decoders): local attention, e.g. for the GSS-Hybrid. 0: unlimited.
+  attention_window: int = 0
   # 'bigbird': block-sparse attention (layers/bigbird.py), its pattern from this config.
   bigbird: BigBirdConfig | None = None
   # 'lsh': Reformer's LSH attention (layers/lsh_attention.py), shared query/key projection.
@@ -87,6 +108,8 @@ class TransformerConfig:
     # gin passes lists; keep the dataclass hashable.
     object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
     object.__setattr__(self, 'token_mixers', tuple(self.token_mixers))
+    if self.encoder_token_mixers is not None:
+      object.__setattr__(self, 'encoder_token_mixers', tuple(self.encoder_token_mixers))
     kv = self.num_kv_heads or self.num_heads
     checks = [
         (self.position_embedding in POSITION_EMBEDDINGS,
@@ -137,6 +160,7 @@ class TransformerConfig:
          "token_mixers ('attention',) and attention_implementation 'xla' (the kernels never "
          f'form the logits); got {self.token_mixers}, {self.attention_implementation!r}'),
     ]
+    checks += self._attention_free_checks()
     if self.residual == 'reversible':
       checks += self._reversible_checks()
     for name in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim'):
@@ -149,6 +173,60 @@ class TransformerConfig:
         jnp.dtype(getattr(self, name))
       except TypeError as e:
         raise ValueError(f'TransformerConfig.{name}: unknown dtype {getattr(self, name)!r}.') from e
+
+  @property
+  def all_mixers(self) -> set[str]:
+    """Every token mixer of either stack."""
+    mixers = set(self.token_mixers) if self.num_decoder_layers else set()
+    if self.num_encoder_layers:
+      mixers |= set(self.encoder_token_mixers or self.token_mixers)
+    return mixers
+
+  def _attention_free_checks(self) -> list[tuple[bool, str]]:
+    """H3, GSS and Fourier mixers: their configs, the stack each may sit in, the options that
+    concern attention layers only."""
+    encoder = self.encoder_token_mixers or self.token_mixers
+    used = self.all_mixers
+    decoder_uses = set(self.token_mixers) if self.num_decoder_layers else set()
+    encoder_uses = set(encoder) if self.num_encoder_layers else set()
+    return [
+        (self.encoder_token_mixers is None or (
+            bool(self.encoder_token_mixers) and set(encoder) <= set(TOKEN_MIXERS)),
+         f'encoder_token_mixers {self.encoder_token_mixers} must be None or a non-empty '
+         f'pattern of {TOKEN_MIXERS}'),
+        ('h3' not in used or self.h3 is not None,
+         "token_mixers use 'h3': set TransformerConfig.h3 = @H3Config() (see configs/models/h3/)"),
+        ('gss' not in used or self.gss is not None,
+         "token_mixers use 'gss': set TransformerConfig.gss = @GssConfig() (see "
+         'configs/models/gss/)'),
+        ('s4d' not in used or self.s4d is not None,
+         "token_mixers use 's4d': set TransformerConfig.s4d = @SsmConfig() (see "
+         'configs/models/h3/s4d.gin)'),
+        ('fnet' not in used or self.fourier is not None,
+         "token_mixers use 'fnet': set TransformerConfig.fourier = @FourierConfig() (see "
+         'configs/models/fnet/)'),
+        ('fnet' not in decoder_uses,
+         "'fnet' mixes every position with every other (the DFT looks ahead), so it cannot be "
+         'a causal decoder layer: use it in an encoder (encoder_token_mixers = (\'fnet\',)) '
+         "and keep the decoder's token_mixers causal"),
+        (not set(SSM_MIXERS) & encoder_uses,
+         f'{sorted(set(SSM_MIXERS) & encoder_uses)} layers are causal state space models (only '
+         'the left context): an encoder needs bidirectional mixing. Set encoder_token_mixers, '
+         "e.g. ('attention',) or ('fnet',)"),
+        (bool(used & set(ATTENTION_MIXERS)) or self.num_encoder_layers > 0 or
+         self.attention_implementation in ('xla', 'auto'),
+         f'attention_implementation {self.attention_implementation!r} selects attention kernels, '
+         f'but no layer of this model attends (token_mixers {self.token_mixers}): set '
+         "attention_implementation = 'xla'"),
+        (self.attention_window >= 0, f'attention_window must be >= 0 (0: unlimited), got '
+         f'{self.attention_window}'),
+        (self.attention_window == 0 or self.attention_implementation == 'xla',
+         "attention_window is applied through the dense mask: set attention_implementation = "
+         f"'xla' (got {self.attention_implementation!r})"),
+        (self.attention_window == 0 or not {'bigbird', 'lsh'} & used,
+         'attention_window restricts dense attention layers; bigbird and lsh layers have their '
+         'own sparsity patterns: set attention_window = 0'),
+    ]
 
   def _reversible_checks(self) -> list[tuple[bool, str]]:
     """What residual='reversible' cannot combine with (each branch may hold only parameters,
@@ -172,11 +250,14 @@ class TransformerConfig:
     """Whether the stacks pass masks as AttentionMask structures and the relative bias as its
     table: the kernels and every token mixer other than dense 'xla' attention need them (dense
     layers then build their [q, k] masks and bias themselves)."""
-    return self.attention_implementation != 'xla' or set(self.token_mixers) != {'attention'}
+    return self.attention_implementation != 'xla' or self.all_mixers != {'attention'}
 
-  def mixer_pattern(self, num_layers: int) -> tuple[str, ...]:
-    """The token mixer of each of a stack's `num_layers` layers."""
-    return tuple(self.token_mixers[i % len(self.token_mixers)] for i in range(num_layers))
+  def mixer_pattern(self, num_layers: int, stack: str = 'decoder') -> tuple[str, ...]:
+    """The token mixer of each of a stack's (`stack`: 'encoder' or 'decoder') layers."""
+    mixers = self.token_mixers
+    if stack == 'encoder' and self.encoder_token_mixers is not None:
+      mixers = self.encoder_token_mixers
+    return tuple(mixers[i % len(mixers)] for i in range(num_layers))
 
   @property
   def activation_dtype(self) -> jnp.dtype:

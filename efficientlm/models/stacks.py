@@ -64,21 +64,34 @@ def with_structure(cfg: TransformerConfig, dense: jax.Array, valid: jax.Array,
   return AttentionMask(dense, ids, ids, causal=causal)
 
 
-def check_sequence_features(cfg: TransformerConfig, packed: bool, prefix_lm: bool = False):
+def check_sequence_features(cfg: TransformerConfig, packed: bool, prefix_lm: bool = False,
+                            stack: str = 'decoder'):
   """Token mixers that see whole unpacked sequences refuse packing and prefix-LM masks here,
-  before tracing goes deeper (BigBird's pattern and LSH's buckets span the row, not each packed
-  example)."""
-  whole_rows = sorted({'bigbird', 'lsh'} & set(cfg.token_mixers))
+  before tracing goes deeper (BigBird's pattern, LSH's buckets, the SSMs' convolutions and
+  states and the Fourier transforms span the row, not each packed example)."""
+  mixers = set(cfg.encoder_token_mixers or cfg.token_mixers) if stack == 'encoder' else set(
+      cfg.token_mixers)
+  whole_rows = sorted({'bigbird', 'lsh', 'h3', 'gss', 's4d', 'fnet'} & mixers)
   if not whole_rows:
     return
   if packed:
-    raise ConfigError(f'token_mixers {whole_rows} attend over whole rows and do not support '
-                     'packed examples: set DatasetConfig.pack = False (e.g. --gin.train/'
-                     'data_config.DatasetConfig.pack=False and the same for eval/).')
+    raise ConfigError(f'token_mixers {whole_rows} mix over whole rows (attention patterns, '
+                      'convolutions, recurrent states or Fourier transforms) and do not support '
+                      'packed examples: set DatasetConfig.pack = False (e.g. --gin.train/'
+                      'data_config.DatasetConfig.pack=False and the same for eval/).')
   if prefix_lm:
     raise ConfigError(f'token_mixers {whole_rows} are causal and have no prefix-LM mask: train '
-                     'a decoder-only model without prefix-LM (causal_attention), or use dense '
-                     'attention layers.')
+                      'a decoder-only model without prefix-LM (causal_attention), or use dense '
+                      'attention layers.')
+
+
+def local_window(cfg: TransformerConfig, mask: jax.Array, q_positions: jax.Array,
+                 k_positions: jax.Array) -> jax.Array:
+  """`mask` [b|1, 1, q, k] AND |q_position - k_position| < attention_window (when set)."""
+  if not cfg.attention_window:
+    return mask
+  near = jnp.abs(q_positions[:, None, :, None] - k_positions[:, None, None, :])
+  return jnp.logical_and(mask, near < cfg.attention_window)
 
 
 def embed(cfg: TransformerConfig, embedder: Embed, tokens: jax.Array, deterministic: bool):
@@ -93,7 +106,8 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, tokens, segment_ids=None, positions=None, deterministic=True):
     cfg = self.config
-    check_sequence_features(cfg, packed=segment_ids is not None or positions is not None)
+    check_sequence_features(cfg, packed=segment_ids is not None or positions is not None,
+                            stack='encoder')
     # Explicit (packed) positions: the kernels' relative bias has no per-example offsets yet.
     as_table = positions is None
     positions = default_positions(tokens, positions)
@@ -102,6 +116,7 @@ class Encoder(nn.Module):
     mask = masks.combine_masks(
         masks.make_attention_mask(valid, valid),
         None if segment_ids is None else masks.make_segment_mask(segment_ids, segment_ids))
+    mask = local_window(cfg, mask, positions, positions)
     mask = with_structure(cfg, mask, valid, segment_ids, causal=False)
     bias = position_bias(cfg, positions, bidirectional=True, as_table=as_table)
     kinds = layer_pattern(cfg, cfg.num_encoder_layers, 'encoder')
@@ -113,6 +128,11 @@ class Encoder(nn.Module):
                               (mask, bias, positions), deterministic=deterministic))
     x = norm(cfg, 'encoder_norm')(x)
     return partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
+
+
+def _attends(cfg: TransformerConfig, cross_attention: bool) -> bool:
+  """Whether any decoder layer reads a KV cache (self- or cross-attention)."""
+  return cross_attention or bool(set(cfg.token_mixers) & {'attention', 'bigbird', 'lsh'})
 
 
 class Decoder(nn.Module):
@@ -144,11 +164,16 @@ class Decoder(nn.Module):
       raise ValueError('An encoder-decoder Decoder needs the encoder output.')
     check_decode(cfg, decode)
     x = embed(cfg, self.shared_embedding, decoder_input_tokens, deterministic)
-    if decode == 'step':
+    if decode == 'step' and cache_length is None and not _attends(cfg, self.cross_attention):
+      if positions is None:
+        raise ValueError("decode='step' needs positions [batch, 1].")
+      mask = bias = None  # recurrent layers only: no cache slots to mask
+    elif decode == 'step':
       if positions is None or cache_length is None:
         raise ValueError("decode='step' needs positions [batch, 1] and cache_length.")
       slots = jnp.arange(cache_length, dtype=jnp.int32)
       mask = (slots[None, None, None, :] <= positions[:, None, :, None])
+      mask = local_window(cfg, mask, positions, slots[None])
       if cfg.attention_implementation != 'xla':  # the decode kernel reads slots 0..position
         mask = AttentionMask(mask, kv_lengths=positions[:, 0] + 1)
       bias = position_bias(cfg, positions, bidirectional=False, key_positions=slots[None])
@@ -162,6 +187,7 @@ class Decoder(nn.Module):
       if targets is None:
         targets = jnp.ones_like(decoder_input_tokens)
       mask = masks.make_decoder_mask(targets, segment_ids, causal_attention)
+      mask = local_window(cfg, mask, positions, positions)
       if causal_attention is None:  # prefix-LM masks have no kernel structure: xla only
         mask = with_structure(cfg, mask, targets > 0, segment_ids, causal=True)
       # With prefix-LM masking the bias stays causal-bucketed, as in T5X's decoder-only models.

@@ -15,9 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from efficientlm.layers.attention import MultiHeadAttention
+from efficientlm.layers.fourier_mixing import FourierConfig, FourierMixer
+from efficientlm.layers.gss import Gss
+from efficientlm.layers.h3 import H3
 from efficientlm.layers.mlp import MlpBlock
 from efficientlm.layers.moe.layer import MOE_COLLECTION, MoeLayer
 from efficientlm.layers.norms import RMSNorm
+from efficientlm.layers.ssm import S4dMixer
 from efficientlm.models.config import TransformerConfig
 
 _REMAT_POLICIES = {
@@ -80,7 +84,25 @@ def sparse_pattern(cfg: TransformerConfig, num_layers: int, stack: str) -> tuple
 def layer_pattern(cfg: TransformerConfig, num_layers: int, stack: str) -> tuple[LayerKind, ...]:
   """Each layer's kind: the MoE layout and the token-mixer pattern combined."""
   return tuple(LayerKind(sparse, mixer) for sparse, mixer in
-               zip(sparse_pattern(cfg, num_layers, stack), cfg.mixer_pattern(num_layers)))
+               zip(sparse_pattern(cfg, num_layers, stack),
+                                             cfg.mixer_pattern(num_layers, stack)))
+
+
+class FourierTokenMixer(nn.Module):
+  """FNet's mixer called like self-attention: padding (from the mask) is zeroed first."""
+
+  config: FourierConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv=None, mask=None, bias=None, q_positions=None,
+               kv_positions=None, deterministic=True):
+    del inputs_kv, bias, q_positions, kv_positions, deterministic
+    ids = getattr(mask, 'q_segment_ids', None)
+    valid = None if ids is None else ids > 0
+    return FourierMixer(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name='fourier')(inputs_q, valid)
 
 
 def token_mixer(cfg: TransformerConfig, mixer: str, name: str, causal: bool,
@@ -92,6 +114,15 @@ def token_mixer(cfg: TransformerConfig, mixer: str, name: str, causal: bool,
   checkpoint loads into BigBird layers unchanged; LSH layers have no 'key' (queries are keys)."""
   if mixer in ('attention', 'bigbird', 'lsh'):
     return attention(cfg, name, True, decode, causal, mixer, layer_index)
+  kwargs = dict(dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype, name=name)
+  if mixer == 'h3':
+    return H3(cfg.h3, cfg.num_heads * cfg.head_dim, decode, **kwargs)
+  if mixer == 'gss':
+    return Gss(cfg.gss, decode, **kwargs)
+  if mixer == 's4d':
+    return S4dMixer(cfg.s4d, cfg.num_heads * cfg.head_dim, decode, **kwargs)
+  if mixer == 'fnet':
+    return FourierTokenMixer(cfg.fourier, **kwargs)
   raise ValueError(f'Unknown token mixer {mixer!r}.')  # TransformerConfig has checked it
 
 
