@@ -1,6 +1,8 @@
 """benchmarks/architectures.py (rows, matched parameters) and architectures_bench.py (ratios,
 memory), on a tiny model. No timing assertions: times are only checked to be positive."""
 
+import math
+
 import pytest
 
 from benchmarks import architectures, architectures_bench
@@ -68,3 +70,24 @@ def test_every_row_builds_with_parameters_matched_to_dense():
   for row in rows:
     one_unit = 128 * 2 * 2  # emb_dim x (gelu wi + wo) x layers of models/decoder/tiny.gin
     assert abs(row.num_params - row.baseline_params) <= one_unit, row
+
+
+def test_token_mixer_exponent_is_the_log_log_slope():
+  """Closed forms: seconds = c L^2 has exponent 2, c L log L a slope between 1 and 2."""
+  from benchmarks import token_mixer_bench  # pylint: disable=g-import-not-at-top
+  square = [{'length': n, 'seconds': 3e-9 * n * n} for n in (1024, 2048, 4096)]
+  assert abs(token_mixer_bench.exponent(square, 1024) - 2) < 1e-9
+  nlogn = [{'length': n, 'seconds': 1e-8 * n * math.log(n)} for n in (1024, 2048, 4096, 8192)]
+  assert 1.05 < token_mixer_bench.exponent(nlogn, 1024) < 1.2
+  assert token_mixer_bench.exponent(square, 2048 * 4) is None
+
+
+def test_token_mixer_bench_times_each_mixer_and_decode_step():
+  from benchmarks import token_mixer_bench  # pylint: disable=g-import-not-at-top
+  result = token_mixer_bench.run(['attention', 'h3'], [16, 32], batch=1, emb_dim=16, repeats=1,
+                                 fit_from=16, contexts=(8, 16), log=lambda _: None)
+  assert {(p['mixer'], p['length']) for p in result['train'] if p['seconds'] > 0} == {
+      (m, n) for m in ('attention', 'h3') for n in (16, 32)}
+  assert all(p['time_ratio'] > 0 for p in result['train'])
+  assert {d['mixer'] for d in result['decode'] if d['seconds'] > 0} == {'attention', 'h3'}
+  assert set(result['summary']['h3']) == {'exponent', 'decode_ratio'}

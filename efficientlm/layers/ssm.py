@@ -154,13 +154,15 @@ def step(state: jax.Array, u: jax.Array, dta: jax.Array, c: jax.Array) -> tuple[
 
 
 def shift_conv(u: jax.Array, taps: jax.Array) -> jax.Array:
-  """y_t = sum_{j<S} taps[c, j] u_{t-j}: u [b, L, C], taps [C, S], a depthwise causal conv."""
-  size, channels = taps.shape[1], taps.shape[0]
-  # XLA convolutions correlate: out_t = sum_w u_{t+w-(S-1)} rhs_w, so rhs_w = taps_{S-1-w}.
-  rhs = jnp.flip(taps, axis=1).T[:, None, :]  # [S, 1, C] (W, I, O)
-  return jax.lax.conv_general_dilated(u, rhs, (1,), [(size - 1, 0)],
-                                      dimension_numbers=('NWC', 'WIO', 'NWC'),
-                                      feature_group_count=channels)
+  """y_t = sum_{j<S} taps[c, j] u_{t-j}: u [b, L, C], taps [C, S], a depthwise causal conv.
+
+  As S shifted products (S is a few taps): on CPU, XLA's grouped convolution and its gradient
+  ran ~7x slower than these adds at [32, 64, 128] x 4 taps."""
+  length = u.shape[1]
+  y = taps[:, 0] * u
+  for j in range(1, min(taps.shape[1], length)):
+    y = y + taps[:, j] * jnp.pad(u[:, :length - j], ((0, 0), (j, 0), (0, 0)))
+  return y
 
 
 # --- decoding state in the 'cache' collection -----------------------------------------------------
