@@ -21,9 +21,9 @@ SENTENCEPIECE = str(pathlib.Path(seqio.__file__).parent / 'test_data' / 'sentenc
 PROMPTS = ['the quick brown fox', 'hello', 'a b c d e f g', 'one more prompt']
 
 
-def _checkpoint(tmp_path):
-  """A random tiny-decoder checkpoint (models/decoder/tiny.gin, float32, vocabulary 64)."""
-  gin_config.parse(['models/decoder/tiny.gin'],
+def _checkpoint(tmp_path, model_gin='models/decoder/tiny.gin'):
+  """A random tiny-decoder checkpoint (`model_gin`, float32, vocabulary 64)."""
+  gin_config.parse([model_gin],
                    ['VOCAB_SIZE = 64', "ACTIVATION_DTYPE = 'float32'"])
   model = gin_config.macro('MODEL')
   params = partitioning.unbox(
@@ -34,8 +34,8 @@ def _checkpoint(tmp_path):
   return model, params
 
 
-def _flags(tmp_path, prompt_file, *extra):
-  return ['--run_mode=infer', '--gin_file=models/decoder/tiny.gin', '--gin_file=runs/infer.gin',
+def _flags(tmp_path, prompt_file, *extra, model_gin='models/decoder/tiny.gin'):
+  return ['--run_mode=infer', f'--gin_file={model_gin}', '--gin_file=runs/infer.gin',
           f"--gin.MODEL_DIR='{tmp_path / 'out'}'", f"--gin.CHECKPOINT_PATH='{tmp_path / 'ckpt'}'",
           f"--gin.PROMPT_FILE='{prompt_file}'", '--gin.VOCAB_SIZE=64', '--gin.BATCH_SIZE=8',
           "--gin.ACTIVATION_DTYPE='float32'", '--gin.MAX_DECODE_LENGTH=5',
@@ -66,6 +66,24 @@ def test_infer_writes_greedy_predictions_and_resumes(tmp_path):
   main.main(_flags(tmp_path, prompt_file))
   again = [json.loads(line) for line in out.read_text().splitlines()]
   assert again == lines
+
+
+@pytest.mark.slow
+def test_an_h3_model_decodes_recurrently_through_the_run_mode(tmp_path):
+  """H3 layers keep recurrent states instead of a KV cache; the run mode decodes them like any
+  model: each prediction is what decoding its prompt alone gives."""
+  gin = 'models/h3/decoder_tiny.gin'
+  model, params = _checkpoint(tmp_path, gin)
+  prompt_file = tmp_path / 'prompts.txt'
+  prompt_file.write_text('\n'.join(PROMPTS[:2]) + '\n')
+  lines = [json.loads(line) for line in
+           pathlib.Path(main.main(_flags(tmp_path, prompt_file, model_gin=gin))).read_text()
+           .splitlines()]
+  vocabulary = seqio.SentencePieceVocabulary(SENTENCEPIECE)
+  for line in lines:
+    ids = jnp.asarray([vocabulary.encode(line['inputs'])], jnp.int32)
+    alone = model.predict(params, ids, decoding.DecodeOptions(max_decode_length=5))
+    assert line['tokens'] == alone.tokens[0, :int(alone.lengths[0])].tolist()
 
 
 @pytest.mark.parametrize('name,text', [('prompts.txt', ''), ('prompts.jsonl', '\n  \n\n')])
