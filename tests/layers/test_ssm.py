@@ -225,3 +225,20 @@ def test_bad_configs_name_the_fix():
   module = _h3(head_dim=3)
   with pytest.raises(ValueError, match='head_dim'):
     module.init(jax.random.key(0), _u(0, (1, 4, 5)))
+
+
+def test_parameter_counts_match_the_closed_forms():
+  """The README table's counts: H3 4dD + D(S + 1) + heads(2 + 2N), GSS 2dF + dH + HF + H(2 + 2N)."""
+  from efficientlm.layers import gss, h3  # pylint: disable=g-import-not-at-top
+  x = _u(0, (1, 4, 8))
+
+  def count(module):
+    shapes = jax.eval_shape(lambda: partitioning.unbox(module.init(jax.random.key(0), x)))
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
+
+  h3_config = H3Config(SsmConfig(state_size=6), head_dim=2, shift_size=3)
+  assert count(H3(h3_config, inner_dim=4)) == 4 * 8 * 4 + 4 * 4 + 2 * (2 + 12) == (
+      h3.parameter_count(h3_config, 8, 4))
+  gss_config = GssConfig(SsmConfig(state_size=6), expansion=2, ssm_reduction=4)
+  assert count(Gss(gss_config)) == 2 * 8 * 16 + 8 * 2 + 2 * 16 + 2 * (2 + 12) == (
+      gss.parameter_count(gss_config, 8))
