@@ -94,6 +94,16 @@ def test_parallel_ssm_equals_the_recurrence(convolution, block):
   np.testing.assert_allclose(y, _numpy_ssm(u, params['params'], repeat=2), **TOL)
 
 
+@pytest.mark.parametrize('block', [1, 3, 8, 64])
+def test_state_passing_blocks_equal_the_one_shot_fft(block):
+  config = SsmConfig(state_size=8)
+  module, params = _ssm_module(config, 4)
+  dta, c, _ = module.apply(params, method='discretized')
+  u = _u(8, (2, 24, 4))
+  np.testing.assert_allclose(jax.jit(ssm.blocked_conv, static_argnums=3)(u, dta, c, block),
+                             ssm.causal_fft_conv(u, ssm.kernel(dta, c, 24)), **TOL)
+
+
 def test_recurrent_steps_and_state_after_a_prefix_equal_the_parallel_outputs():
   config = SsmConfig(state_size=8)
   module, params = _ssm_module(config, 3)
