@@ -13,13 +13,20 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).parents[1]
+TRAINER_TESTS = 'tests/training/test_trainer.py::test_'
+# In this order: a test that is over at once (its result says the worker is up and has imported
+# JAX), then training runs: the Ctrl-C arrives two seconds into the first of them, with the next
+# still to come (test_trainer.py's first test took 5 s to get there, and is not needed).
+SUITE = [TRAINER_TESTS + name for name in (
+    'missing_restore_path_is_named', 'resume_equals_an_uninterrupted_run',
+    'restore_onto_a_smaller_mesh')]
 
 
 def test_ctrl_c_stops_the_suite_with_a_summary():
   suite = subprocess.Popen(
-      [sys.executable, '-m', 'pytest', '-n', '1', '-q', '-p', 'no:cacheprovider',
-       'tests/training/test_trainer.py'], cwd=ROOT, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True, start_new_session=True)
+      [sys.executable, '-m', 'pytest', '-n', '1', '-q', '-p', 'no:cacheprovider', *SUITE],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      start_new_session=True)
   output = []
   try:
     while True:  # until the first test result: workers are up and busy with JAX
