@@ -8,8 +8,8 @@ For inputs x [L, E] (already normed by the layer):
   o = ((y W_c) * v) W_o            [L, E]
 
 The SSM runs on H < E channels and the multiplicative gate supplies the nonlinearity, which is
-why GSS trains faster than DSS at the same quality (sec. 3). GSS-Hybrid interleaves attention
-layers for short-range dependencies (sec. 3.2): here a token_mixers pattern such as
+why GSS trains faster than DSS at the same quality (the paper's claim). GSS-Hybrid interleaves attention
+layers for short-range dependencies: here a token_mixers pattern such as
 ('gss', 'gss', 'gss', 'attention') with TransformerConfig.attention_window for local attention.
 
 Deviations: the paper's GSS layer replaces the whole Transformer block; here it is the token

@@ -12,7 +12,7 @@ For inputs u [L, d]:
 The shift SSM lets a token compare with its recent predecessors (K' remembers them) and the
 multiplicative interactions with Q and V let the diagonal SSM store and recall tokens: the
 paper's explanation of why H3 solves induction heads and associative recall where a plain SSM
-does not (sec. 3.1).
+does not (its synthetic languages).
 
 Training runs SSM_diag as an FFT convolution over the row or in state-passing blocks
 (SsmConfig.convolution); decoding runs both SSMs as recurrences: O(1) work and state per token

@@ -273,7 +273,7 @@ def prompt_lengths(mask) -> jax.Array:
 class S4dMixer(nn.Module):
   """A plain diagonal SSM token mixer, y = W_o gelu(SSM(x W_v)) (S4D, Gu et al. 2022, with the
   usual GELU and output projection): the baseline without H3's shift SSM and multiplicative
-  interactions (its synthetic-language ablation, sec. 3.1). Called and decoded like layers.h3.H3.
+  interactions (its synthetic-language ablation). Called and decoded like layers.h3.H3.
   """
 
   config: SsmConfig
