@@ -84,10 +84,8 @@ def test_token_mixer_exponent_is_the_log_log_slope():
 
 def test_token_mixer_bench_times_each_mixer_and_decode_step():
   from benchmarks import token_mixer_bench  # pylint: disable=g-import-not-at-top
-  result = token_mixer_bench.run(['attention', 'h3'], [16, 32], batch=1, emb_dim=16, repeats=1,
-                                 fit_from=16, contexts=(8, 16), log=lambda _: None)
-  assert {(p['mixer'], p['length']) for p in result['train'] if p['seconds'] > 0} == {
-      (m, n) for m in ('attention', 'h3') for n in (16, 32)}
-  assert all(p['time_ratio'] > 0 for p in result['train'])
-  assert {d['mixer'] for d in result['decode'] if d['seconds'] > 0} == {'attention', 'h3'}
+  result = token_mixer_bench.run(['h3'], [16, 32], batch=1, emb_dim=16, repeats=1, fit_from=16,
+                                 contexts=(8, 16), log=lambda _: None)
+  assert [(p['length'], p['seconds'] > 0) for p in result['train']] == [(16, True), (32, True)]
+  assert [(d['context'], d['seconds'] > 0) for d in result['decode']] == [(8, True), (16, True)]
   assert set(result['summary']['h3']) == {'exponent', 'decode_ratio'}

@@ -85,15 +85,24 @@ def test_attention_window_hides_keys_that_far_back():
   assert np.abs(np.asarray(far[:, 7] - logits[:, 7])).max() > 1e-4
 
 
-def test_fnet_encoder_has_no_attention_and_decodes():
+def test_fnet_encoder_has_no_attention_and_ignores_padding_tokens():
+  """The encoder's FNet layers have no parameters and zero padding before their transforms:
+  the embedding of the padding id (0) reaches no real position of the encoder output (its
+  other layers are position-wise), so changing it changes nothing there."""
   model = helpers.t5_model(encoder_token_mixers=('fnet',), fourier=FourierConfig())
   batch = helpers.seq2seq_batch(0, 2, 8, 6, 64)
   params = helpers.init_params(model, batch)
-  assert 'attention' not in params['encoder']['layers_0']  # FNet: no parameters
+  assert 'attention' not in params['encoder']['layers_0']
   assert 'self_attention' in params['decoder']['layers_0']
-  out = model.predict(params, jnp.asarray(batch['encoder_input_tokens']),
-                      decoding.DecodeOptions(max_decode_length=3, eos_id=-1))
-  assert out.tokens.shape == (2, 3)
+  inputs = np.array(batch['encoder_input_tokens'])
+  inputs[:, 5:] = 0
+  real = inputs > 0
+  encode = jax.jit(lambda p: model.module.apply({'params': p}, inputs, method='encode'))
+  table = params['token_embedder']['embedding']
+  before = np.asarray(encode(params))
+  after = np.asarray(encode(dict(params, token_embedder={'embedding': table.at[0].add(3.0)})))
+  np.testing.assert_array_equal(after[real], before[real])
+  assert np.abs(after[~real] - before[~real]).max() > 1e-3
 
 
 def _config(**overrides):
