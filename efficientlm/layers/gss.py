@@ -77,20 +77,7 @@ class Gss(nn.Module):
     v = partitioning.constrain(v, ('batch', 'length', 'mlp'))
     u = jax.nn.gelu(dense('ssm_in', reduced, ('embed', 'ssm_channels'), inputs_q))
     diagonal = ssm.DiagonalSsm(cfg.ssm, reduced, param_dtype=self.param_dtype, name='ssm')
-    batch, length = u.shape[:2]
-    if self.decode == 'step':
-      if length != 1:
-        raise ValueError(f"GSS: decode='step' takes one token per row, got {length}.")
-      state = ssm.cache_variable(self, 'ssm_state', (batch, reduced, cfg.ssm.modes, 2), 'step')
-      y, state.value = diagonal.step(state.value, u[:, 0])
-      y = y[:, None]
-    else:
-      y = diagonal(u)
-      if self.decode is not None:
-        state = ssm.cache_variable(self, 'ssm_state', (batch, reduced, cfg.ssm.modes, 2),
-                                   self.decode)
-        if self.decode == 'prefill':
-          state.value = diagonal.state_after(u, ssm.prompt_lengths(mask))
+    y = ssm.apply_recurrent(self, diagonal, u, mask, self.decode)
     uc = dense('ssm_out', gated, ('ssm_channels', 'mlp'), y.astype(self.dtype))
     out = dense('out', emb, ('mlp', 'embed'), uc * v)
     return partitioning.constrain(out, ('batch', 'length', 'embed'))

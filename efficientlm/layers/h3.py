@@ -106,38 +106,29 @@ class H3(nn.Module):
         raise ValueError(f"H3: decode='step' takes one token per row, got {length}.")
       shift_state = ssm.cache_variable(self, 'shift_state', (batch, width, cfg.shift_size),
                                        'step')
-      ssm_state = ssm.cache_variable(self, 'ssm_state', (batch, heads * dh * dh, cfg.ssm.modes,
-                                                         2), 'step')
       recent = jnp.concatenate([k[:, 0, :, None], shift_state.value[..., :-1]], axis=-1)
-      k_shifted = jnp.einsum('bcj,cj->bc', recent, taps) + shift_d * k[:, 0]
-      y, ssm_state.value = diagonal.step(ssm_state.value, outer(k_shifted, v[:, 0]))
+      k_shifted = (jnp.einsum('bcj,cj->bc', recent, taps) + shift_d * k[:, 0])[:, None]
       shift_state.value = recent
-      out = read(q[:, 0], y)[:, None]
     else:
       k_shifted = ssm.shift_conv(k, taps) + shift_d * k
-      kv = outer(k_shifted, v)
-      out = read(q, diagonal(kv))
       if self.decode is not None:
-        self._keep_state(k, kv, mask, diagonal, batch, heads * dh * dh)
+        self._keep_shift_state(k, mask, batch)
+    y = ssm.apply_recurrent(self, diagonal, outer(k_shifted, v), mask, self.decode)
     out = DenseGeneral(inputs_q.shape[-1], ('joined_kv', 'embed'), dtype=self.dtype,
-                       param_dtype=self.param_dtype, name='out')(out.astype(self.dtype))
+                       param_dtype=self.param_dtype, name='out')(read(q, y).astype(self.dtype))
     return partitioning.constrain(out, ('batch', 'length', 'embed'))
 
-  def _keep_state(self, k, kv, mask, diagonal, batch, channels):
-    """decode 'init': zero states; 'prefill': the states after each prompt's last real token."""
-    cfg, width = self.config, self.inner_dim
-    shift_state = ssm.cache_variable(self, 'shift_state', (batch, width, cfg.shift_size),
-                                     self.decode)
-    ssm_state = ssm.cache_variable(self, 'ssm_state', (batch, channels, cfg.ssm.modes, 2),
-                                   self.decode)
+  def _keep_shift_state(self, k, mask, batch):
+    """decode 'init': zeros; 'prefill': each prompt's last S projected keys, newest first."""
+    cfg = self.config
+    shift_state = ssm.cache_variable(self, 'shift_state', (batch, self.inner_dim,
+                                                           cfg.shift_size), self.decode)
     if self.decode != 'prefill':
       return
-    lengths = ssm.prompt_lengths(mask)
-    # The last S keys of each prompt, newest first: aligned to the end, front-padded to S.
-    aligned = ssm.right_align(k, lengths)[:, -cfg.shift_size:]
+    # Aligned to the end, front-padded to S.
+    aligned = ssm.right_align(k, ssm.prompt_lengths(mask))[:, -cfg.shift_size:]
     aligned = jnp.pad(aligned, ((0, 0), (cfg.shift_size - aligned.shape[1], 0), (0, 0)))
     shift_state.value = jnp.flip(aligned, axis=1).transpose(0, 2, 1)
-    ssm_state.value = diagonal.state_after(kv, lengths)
 
 
 def parameter_count(config: H3Config, emb_dim: int, inner_dim: int) -> int:

@@ -270,6 +270,28 @@ def prompt_lengths(mask) -> jax.Array:
   return jnp.sum(jnp.any(dense[:, 0], axis=-1), axis=-1).astype(jnp.int32)
 
 
+def apply_recurrent(module: nn.Module, diagonal: 'DiagonalSsm', u: jax.Array, mask,
+                    decode: str | None) -> jax.Array:
+  """`diagonal` on u [b, L, C] in every decoding mode of a token mixer `module`, its state in
+  `module`'s cache as 'ssm_state': None (whole sequences), 'init' (a zero state), 'prefill'
+  (whole right-padded prompts; the state after each one's last real token, lengths from the
+  stack's `mask`), 'step' (L = 1: one recurrence step from the state). Returns y float32."""
+  if decode is None:
+    return diagonal(u)
+  batch, length, channels = u.shape
+  state = cache_variable(module, 'ssm_state', (batch, channels, diagonal.config.modes, 2),
+                         decode)
+  if decode == 'step':
+    if length != 1:
+      raise ValueError(f"{module.name}: decode='step' takes one token per row, got {length}.")
+    y, state.value = diagonal.step(state.value, u[:, 0])
+    return y[:, None]
+  y = diagonal(u)
+  if decode == 'prefill':
+    state.value = diagonal.state_after(u, prompt_lengths(mask))
+  return y
+
+
 class S4dMixer(nn.Module):
   """A plain diagonal SSM token mixer, y = W_o gelu(SSM(x W_v)) (S4D, Gu et al. 2022, with the
   usual GELU and output projection): the baseline without H3's shift SSM and multiplicative
@@ -290,19 +312,7 @@ class S4dMixer(nn.Module):
     u = DenseGeneral(width, ('embed', 'joined_kv'), dtype=self.dtype,
                      param_dtype=self.param_dtype, name='value')(inputs_q)
     diagonal = DiagonalSsm(cfg, width, param_dtype=self.param_dtype, name='ssm')
-    batch, length = u.shape[:2]
-    if self.decode == 'step':
-      if length != 1:
-        raise ValueError(f"S4D: decode='step' takes one token per row, got {length}.")
-      state = cache_variable(self, 'ssm_state', (batch, width, cfg.modes, 2), 'step')
-      y, state.value = diagonal.step(state.value, u[:, 0])
-      y = y[:, None]
-    else:
-      y = diagonal(u)
-      if self.decode is not None:
-        state = cache_variable(self, 'ssm_state', (batch, width, cfg.modes, 2), self.decode)
-        if self.decode == 'prefill':
-          state.value = diagonal.state_after(u, prompt_lengths(mask))
+    y = apply_recurrent(self, diagonal, u, mask, self.decode)
     out = DenseGeneral(inputs_q.shape[-1], ('joined_kv', 'embed'), dtype=self.dtype,
                        param_dtype=self.param_dtype, name='out')(
                            jax.nn.gelu(y).astype(self.dtype))
