@@ -14,7 +14,7 @@ from efficientlm.layers.attention import (AttentionMask, padding_segment_ids,
                                           segment_ids_from_block_mask)
 from efficientlm.layers.dense import DenseGeneral, Embed
 from efficientlm.layers.position import RelativePositionBias
-from efficientlm.models.config import TransformerConfig
+from efficientlm.models.config import ATTENTION_MIXERS, TransformerConfig
 from efficientlm.models.reversible_transformer import check_decode, reversible_stack_layers
 from efficientlm.models.transformer import (DecoderLayer, EncoderLayer, hidden, initial_carry,
                                             layer_pattern, norm, residual_dropout, stack_layers)
@@ -71,7 +71,7 @@ def check_sequence_features(cfg: TransformerConfig, packed: bool, prefix_lm: boo
   states and the Fourier transforms span the row, not each packed example)."""
   mixers = set(cfg.encoder_token_mixers or cfg.token_mixers) if stack == 'encoder' else set(
       cfg.token_mixers)
-  whole_rows = sorted({'bigbird', 'lsh', 'h3', 'gss', 's4d', 'fnet'} & mixers)
+  whole_rows = sorted(mixers - {'attention'})  # every mixer but dense attention
   if not whole_rows:
     return
   if packed:
@@ -132,7 +132,7 @@ class Encoder(nn.Module):
 
 def _attends(cfg: TransformerConfig, cross_attention: bool) -> bool:
   """Whether any decoder layer reads a KV cache (self- or cross-attention)."""
-  return cross_attention or bool(set(cfg.token_mixers) & {'attention', 'bigbird', 'lsh'})
+  return cross_attention or bool(set(cfg.token_mixers) & set(ATTENTION_MIXERS))
 
 
 class Decoder(nn.Module):
