@@ -26,6 +26,9 @@ class DatasetConfig:
     use_cached: read the offline seqio cache of the task (seqio's cache_tasks_main).
     tfds_data_dir: where TFDS datasets are prepared (local or gs://); None uses TFDS_DATA_DIR or
       ~/tensorflow_datasets.
+    document_streams: (training) row r of every batch continues row r's document of the previous
+      batch, segment after segment, for models that carry state across steps (see
+      efficientlm/data/document_streams.py); needs shuffle = False and pack = False.
   """
 
   mixture_or_task_name: str
@@ -37,6 +40,7 @@ class DatasetConfig:
   pack: bool = True
   use_cached: bool = False
   tfds_data_dir: str | None = None
+  document_streams: bool = False
 
   def __post_init__(self):
     # A private copy: a caller mutating its dict later must not change this config.

@@ -17,7 +17,7 @@ import dataclasses
 from efficientlm.data.tensorflow_cpu import tf  # first: TF quietly, with GPUs hidden
 import seqio
 
-from efficientlm.data import feature_converters, tfds_source
+from efficientlm.data import document_streams, feature_converters, tfds_source
 from efficientlm.data import tasks  # noqa: F401  (registers the built-in tasks)
 from efficientlm.data.config import DatasetConfig
 from efficientlm.data.iterator import DataIterator
@@ -29,6 +29,11 @@ def get_iterator(cfg: DatasetConfig, feature_converter: str, shard_index: int = 
                  num_shards: int = 1, num_epochs: int | None = None) -> DataIterator:
   """Batches of cfg.split for process `shard_index`; `num_epochs=None` repeats forever."""
   rows = _rows_per_shard(cfg, shard_index, num_shards)
+  if cfg.document_streams:
+    document_streams.check_config(cfg, feature_converter)
+    ds = document_streams.get_iterator_dataset(cfg, shard_index, num_shards, rows,
+                                               num_epochs=num_epochs)
+    return DataIterator(ds.prefetch(tf.data.AUTOTUNE), process_index=shard_index)
   ds = _model_features(cfg, feature_converter, cfg.split, shuffle=cfg.shuffle,
                        num_epochs=num_epochs, shard_info=seqio.ShardInfo(shard_index, num_shards))
   ds = ds.batch(rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
