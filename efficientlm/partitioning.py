@@ -71,7 +71,12 @@ _COMMON_PARAMS: Rules = (('layers', None), ('relpos_buckets', None), ('expert', 
                          # state space and Fourier mixers (layers/ssm.py, fourier_mixing.py):
                          # small per-channel tables, replicated
                          ('ssm_channels', None), ('ssm_modes', None), ('ssm_taps', None),
-                         ('complex', None), ('fourier_frequencies', None))
+                         ('complex', None), ('fourier_frequencies', None),
+                         # Scaling Transformer (layers/sparse_ffn.py, sparse_qkv.py): the
+                         # controller's bottleneck and the small sparse-QKV tables, replicated
+                         ('controller_rank', None), ('qkv_modules', None),
+                         ('qkv_module_features', None), ('qkv_module_out', None),
+                         ('qkv_length_taps', None), ('qkv_module_taps', None))
 _COMMON_ACTIVATIONS: Rules = (('batch', _BATCH), ('length', None), ('kv', None),
                               ('expert', 'expert'))
 

@@ -162,6 +162,10 @@ class MultiHeadAttention(nn.Module):
   # projection), hashed into buckets by random rotations: fresh ones per training step from
   # the 'lsh' rng stream, fixed per layer (from the config's seed) when deterministic.
   lsh: Any = None  # LshConfig | None
+  # Scaling Transformer sparse Q/K/V projections (layers.sparse_qkv) for self-attention: a
+  # shared multiplicative layer and a convolution per projection (parameters under
+  # 'sparse_qkv' instead of query/key/value). None: the dense projections.
+  sparse_qkv: Any = None  # SparseQkvConfig | None
   kernel_init: Callable[..., jax.Array] = initializers.attention_kernel_init
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -193,21 +197,30 @@ class MultiHeadAttention(nn.Module):
                        dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
       return partitioning.constrain(y, ('batch', 'length', head_axis, 'kv'))
 
-    query = project('query', inputs_q, self.num_heads, ('joined_kv', 'heads'), query_init)
+    if self.sparse_qkv is not None:
+      query, sparse_key, sparse_value = self._sparse_projections(inputs_q, mask, q_positions,
+                                                                  kv_heads)
+    else:
+      query = project('query', inputs_q, self.num_heads, ('joined_kv', 'heads'), query_init)
     if self.rotary and (q_positions is None or kv_positions is None):
       raise ValueError('Rotary attention needs q_positions and kv_positions.')
     if self.rotary:
       query = apply_rotary(query, q_positions, self.rotary_max_wavelength)
 
     def project_kv():
-      key = project('key', inputs_kv, kv_heads, kv_axes, self.kernel_init)
-      value = project('value', inputs_kv, kv_heads, kv_axes, self.kernel_init)
+      if self.sparse_qkv is not None:
+        key, value = sparse_key, sparse_value
+      else:
+        key = project('key', inputs_kv, kv_heads, kv_axes, self.kernel_init)
+        value = project('value', inputs_kv, kv_heads, kv_axes, self.kernel_init)
       if self.rotary:
         key = apply_rotary(key, kv_positions, self.rotary_max_wavelength)
       return key, value
 
     if self.lsh is not None:  # shared query/key: only values to project
-      key, value = None, project('value', inputs_kv, kv_heads, kv_axes, self.kernel_init)
+      key = None
+      value = (sparse_value if self.sparse_qkv is not None else
+               project('value', inputs_kv, kv_heads, kv_axes, self.kernel_init))
     elif self.decode is None:
       key, value = project_kv()
     else:
@@ -233,6 +246,19 @@ class MultiHeadAttention(nn.Module):
                        param_dtype=self.param_dtype, name='out')(out)
     out = partitioning.constrain(out, ('batch', 'length', 'embed'))
     return out if self.evolving is None else (out, evolving_state)
+
+  def _sparse_projections(self, inputs, mask, positions, kv_heads):
+    """(query, key or None for LSH, value) from layers.sparse_qkv; its convolution's decoding
+    state sits in this layer's cache beside the KV cache."""
+    from efficientlm.layers.sparse_qkv import SparseQkv  # pylint: disable=g-import-not-at-top
+    if self.cross_attention:
+      raise ValueError('sparse_qkv replaces self-attention projections; cross-attention keeps '
+                       'the dense ones (build it with sparse_qkv=None).')
+    return SparseQkv(self.sparse_qkv, self.num_heads, self.head_dim, kv_heads,
+                     with_key=self.lsh is None, causal=self.causal, decode=self.decode,
+                     query_scale=1.0 if self.scale_logits else self.head_dim**-0.5,
+                     kernel_init=self.kernel_init, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='sparse_qkv')(inputs, mask, positions)
 
   def _lsh(self, query, value, mask, bias, deterministic):
     """LSH attention over the whole sequence (the stacks refuse packing and prefix-LM masks
