@@ -53,7 +53,11 @@ FRAGMENTS = {'models/switch/common.gin': (['models/switch/common.gin'], ['NUM_EX
                                                  'models/reformer/reversible.gin'], [])}
 FRAGMENTS.update({path: (['models/decoder/tiny.gin', path], []) for path in (
     'models/h3/h3.gin', 'models/h3/hybrid.gin', 'models/h3/s4d.gin', 'models/gss/gss.gin',
-    'models/gss/hybrid.gin')})
+    'models/gss/hybrid.gin', 'models/scaling/sparse_ffn.gin', 'models/scaling/sparse_qkv.gin',
+    'models/scaling/scaling.gin', 'models/terraformer/terraformer.gin',
+    'models/perceiver_ar/perceiver_ar.gin', 'models/block_recurrent/block_recurrent.gin')})
+FRAGMENTS['models/block_recurrent/window.gin'] = (
+    ['models/block_recurrent/decoder_tiny.gin', 'models/block_recurrent/window.gin'], [])
 FRAGMENTS.update({f'models/fnet/{name}.gin': (['models/t5_1_1/tiny.gin', f'models/fnet/{name}.gin'],
                                               []) for name in ('fnet', 'fnet_seq', 'low_pass',
                                                                'global_filter')})
@@ -68,14 +72,19 @@ def _parse_shipped(path: str) -> None:
     gin_config.parse([path])
   elif path == 'runs/recall_tiny.gin':
     gin_config.parse([path], RUN_MACROS)
-  elif path == 'runs/upcycle_local_text.gin':  # trains a vocabulary on a few text files
+  elif path in ('runs/upcycle_local_text.gin', 'runs/long_document_text.gin'):
+    # Both train a vocabulary on a few text files.
     directory = tempfile.mkdtemp()
     for i in range(4):
       pathlib.Path(directory, f'{i}.txt').write_text(' '.join(['some words here'] * 50 + [str(i)]))
-    gin_config.parse(['models/switch/upcycle_t5_1_1_tiny.gin', path],
+    model = ('models/switch/upcycle_t5_1_1_tiny.gin' if path == 'runs/upcycle_local_text.gin'
+             else 'models/block_recurrent/decoder_tiny.gin')
+    gin_config.parse([model, path],
                      RUN_MACROS + [f"TEXT_FILES = '{directory}/*.txt'",
                                    'tasks.register_text_lm.vocab_size = 40',
                                    'tasks.register_text_lm.validation_fraction = 0.5'])
+  elif path.startswith('runs/long_document'):
+    gin_config.parse(['models/block_recurrent/decoder_tiny.gin', path], RUN_MACROS)
   else:
     gin_config.parse(['models/t5_1_1/tiny.gin', path], RUN_MACROS)
 

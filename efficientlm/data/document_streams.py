@@ -29,8 +29,7 @@ import seqio
 from efficientlm.data import feature_converters
 from efficientlm.data.config import DatasetConfig
 from efficientlm.errors import ConfigError
-
-RESET_FEATURE = 'decoder_stream_reset'
+from efficientlm.models.model import STREAM_RESET_FEATURE as RESET_FEATURE
 
 
 def check_config(cfg: DatasetConfig, feature_converter: str) -> None:

@@ -8,22 +8,30 @@ import jax.numpy as jnp
 
 from efficientlm.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from efficientlm.layers.bigbird import BigBirdConfig
+from efficientlm.layers.block_recurrent import BlockRecurrentConfig
 from efficientlm.layers.evolving_attention import EvolvingAttentionConfig
 from efficientlm.layers.fourier_mixing import FourierConfig
 from efficientlm.layers.gss import GssConfig
 from efficientlm.layers.h3 import H3Config
 from efficientlm.layers.lsh_attention import LshConfig
 from efficientlm.layers.moe.config import MoeConfig
+from efficientlm.layers.sparse_ffn import SparseFfnConfig
+from efficientlm.layers.sparse_qkv import SparseQkvConfig
 from efficientlm.layers.ssm import SsmConfig
 
 POSITION_EMBEDDINGS = ('relative', 'rotary')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_with_no_batch_dims')
 # What mixes information across positions in a layer (see `token_mixers`). Each name is one
 # module in efficientlm/layers; models/transformer.token_mixer builds it.
-TOKEN_MIXERS = ('attention', 'bigbird', 'lsh', 'h3', 'gss', 's4d', 'fnet')
+TOKEN_MIXERS = ('attention', 'bigbird', 'lsh', 'h3', 'gss', 's4d', 'fnet', 'block_recurrent',
+                'block_window')
 # Attention-free mixers: causal state space models (recurrent decoding, no KV cache) and
 # FNet's bidirectional Fourier mixing (encoders only).
 SSM_MIXERS = ('h3', 'gss', 's4d')
+# Block-Recurrent Transformer layers (layers/block_recurrent.py): 'block_recurrent' carries S
+# state vectors from block to block; 'block_window' is the same layer without them (sliding-
+# window attention over blocks, the previous block's keys kept): the paper's baseline layers.
+BLOCK_MIXERS = ('block_recurrent', 'block_window')
 ATTENTION_MIXERS = ('attention', 'bigbird', 'lsh')
 # How a stack joins its layers (see `residual`).
 RESIDUALS = ('standard', 'reversible')
@@ -103,6 +111,19 @@ class TransformerConfig:
   residual: str = 'standard'
   # Reversible layers: the MLP runs on this many slices of the length (Reformer's chunking).
   reversible_ff_chunks: int = 1
+  # 'block_recurrent' / 'block_window' layers (Hutchins et al. 2022), e.g. token_mixers =
+  # ('block_window',) * 3 + ('block_recurrent',) for the paper's recurrence in one layer of four.
+  block_recurrent: BlockRecurrentConfig | None = None
+  # Block layers keep their states and windows from one training step to the next (truncated
+  # backprop across steps, the paper's training): the batches must be document streams
+  # (DatasetConfig.document_streams), which the trainer checks. False: every row starts fresh.
+  carry_state: bool = False
+  # Scaling Transformer (Jaszczur et al. 2021): every dense feed-forward layer keeps one hidden
+  # unit per block, chosen by a low-rank controller (layers/sparse_ffn.py) ...
+  sparse_ffn: SparseFfnConfig | None = None
+  # ... and self-attention projects Q/K/V through a multiplicative layer and convolutions
+  # (layers/sparse_qkv.py). None: dense.
+  sparse_qkv: SparseQkvConfig | None = None
 
   def __post_init__(self):
     # gin passes lists; keep the dataclass hashable.
@@ -161,6 +182,8 @@ class TransformerConfig:
          f'form the logits); got {self.token_mixers}, {self.attention_implementation!r}'),
     ]
     checks += self._attention_free_checks()
+    checks += self._block_recurrent_checks()
+    checks += self._scaling_checks()
     if self.residual == 'reversible':
       checks += self._reversible_checks()
     for name in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim'):
@@ -226,6 +249,57 @@ class TransformerConfig:
         (self.attention_window == 0 or not {'bigbird', 'lsh'} & used,
          'attention_window restricts dense attention layers; bigbird and lsh layers have their '
          'own sparsity patterns: set attention_window = 0'),
+    ]
+
+  def _scaling_checks(self) -> list[tuple[bool, str]]:
+    """The Scaling Transformer's sparse layers: the widths they split, what they replace."""
+    checks = []
+    ffn, qkv = self.sparse_ffn, self.sparse_qkv
+    if ffn is not None:
+      checks += [
+          (self.mlp_dim % ffn.block_size == 0,
+           f'mlp_dim {self.mlp_dim} is not divisible by SparseFfnConfig.block_size '
+           f'{ffn.block_size}: set mlp_dim to a multiple of it or pick a block_size dividing it'),
+          (self.moe is None, 'sparse_ffn makes every dense feed-forward layer sparse and moe '
+           'makes some of them Mixture-of-Experts layers: set one of sparse_ffn, moe to None'),
+      ]
+    if qkv is not None:
+      kv = self.num_kv_heads or self.num_heads
+      s = qkv.num_modules
+      for what, width in (('emb_dim', self.emb_dim), ('num_heads * head_dim',
+                                                        self.num_heads * self.head_dim),
+                          ('num_kv_heads * head_dim', kv * self.head_dim)):
+        checks.append((width % s == 0, f'{what} = {width} is not divisible by '
+                       f'SparseQkvConfig.num_modules {s}: pick num_modules dividing it'))
+      checks += [
+          (bool(self.all_mixers & set(ATTENTION_MIXERS)),
+           f'sparse_qkv replaces the Q/K/V projections of attention layers, but no layer '
+           f'attends (token_mixers {self.token_mixers}): set sparse_qkv = None'),
+          (self.num_encoder_layers == 0 or qkv.length_kernel % 2 == 1,
+           f'the encoder\'s sparse_qkv convolution is centered over the length, so it needs an '
+           f'odd SparseQkvConfig.length_kernel (got {qkv.length_kernel})'),
+      ]
+    return checks
+
+  def _block_recurrent_checks(self) -> list[tuple[bool, str]]:
+    """Block-recurrent layers: their config, causal stacks only, what carries state."""
+    used = self.all_mixers & set(BLOCK_MIXERS)
+    encoder = (set(self.encoder_token_mixers or self.token_mixers) if self.num_encoder_layers
+               else set())
+    return [
+        (not used or self.block_recurrent is not None,
+         f"token_mixers use {sorted(used)}: set TransformerConfig.block_recurrent = "
+         '@BlockRecurrentConfig() (see configs/models/block_recurrent/)'),
+        (not encoder & set(BLOCK_MIXERS),
+         'block_recurrent / block_window layers are causal (each block reads only earlier '
+         'ones): an encoder needs bidirectional mixing; set encoder_token_mixers, e.g. '
+         "('attention',)"),
+        (not self.carry_state or bool(used),
+         'carry_state keeps block-recurrent layers\' state across training steps, but no layer '
+         f'is one (token_mixers {self.token_mixers}): set carry_state = False'),
+        (not used or self.residual == 'standard',
+         "block-recurrent layers write their state collections, which the reversible stack's "
+         "custom gradient cannot carry: set residual = 'standard'"),
     ]
 
   def _reversible_checks(self) -> list[tuple[bool, str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -21,6 +21,11 @@ from efficientlm.layers.moe.layer import MOE_COLLECTION
 from efficientlm.models import losses, moe_losses
 
 Batch = Mapping[str, jax.Array]
+# The collection of layer state carried from one training step to the next (block-recurrent
+# layers on document streams), and the batch feature that marks rows starting a new document
+# (data/document_streams.py), whose state is reset.
+RECURRENT = 'recurrent'
+STREAM_RESET_FEATURE = 'decoder_stream_reset'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,17 +70,53 @@ class BaseModel:
 
     return init_params
 
+  @property
+  def carries_state(self) -> bool:
+    """Whether the network keeps layer state across training steps (TransformerConfig.
+    carry_state: block-recurrent layers trained on document streams)."""
+    return bool(getattr(self.module.config, 'carry_state', False))
+
+  def recurrent_spec(self, batch_spec: Mapping[str, jax.ShapeDtypeStruct]):
+    """Shapes and dtypes of the carried state for batches like `batch_spec` (all zeros means
+    every row starts fresh); nothing is computed."""
+    def init(rng):
+      dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_spec.items()}
+      return nn.unbox(self.init(rng, dummy).get(RECURRENT, {}))
+
+    return jax.eval_shape(init, jax.random.key(0))
+
+  def reset_recurrent(self, recurrent, reset: jax.Array):
+    """Zeroes (fresh state) the rows where `reset` [batch] is nonzero. Scanned layers stack the
+    state on a leading layer axis, so the batch axis is then the second."""
+    axis = 1 if self.module.config.scan_layers else 0
+
+    def keep(x):
+      shape = [1] * x.ndim
+      shape[axis] = x.shape[axis]
+      return x * (reset == 0).reshape(shape).astype(x.dtype)
+
+    return jax.tree.map(keep, recurrent)
+
   def _apply(self, params, batch: Batch, rng: jax.Array | None):
     """(logits, MoE summary). `rng` is the training randomness: dropout, router jitter and LSH draw
     from their own streams of it; None means deterministic (evaluation, scoring)."""
+    logits, moe, _ = self._apply_with_state(params, batch, rng, None)
+    return logits, moe
+
+  def _apply_with_state(self, params, batch: Batch, rng: jax.Array | None, recurrent):
+    """(logits, MoE summary, carried state after the batch). `recurrent` None: no state carried
+    in (each row fresh) and none returned."""
     rngs = None
     if rng is not None:
       rngs = {'dropout': jax.random.fold_in(rng, 0), 'jitter': jax.random.fold_in(rng, 1),
               'lsh': jax.random.fold_in(rng, 2)}  # LSH attention's fresh hash rotations
-    logits, state = self.module.apply({'params': params}, **self._inputs(batch),
-                                      enable_dropout=rng is not None, rngs=rngs,
-                                      mutable=[MOE_COLLECTION])
-    return logits, moe_losses.summarize(state)
+    variables, mutable = {'params': params}, [MOE_COLLECTION]
+    if recurrent is not None:
+      variables[RECURRENT] = recurrent
+      mutable.append(RECURRENT)
+    logits, state = self.module.apply(variables, **self._inputs(batch),
+                                      enable_dropout=rng is not None, rngs=rngs, mutable=mutable)
+    return logits, moe_losses.summarize(state), state.get(RECURRENT)
 
   def logits(self, params, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
     """Logits; dropout (and router jitter) are on exactly when an RNG is given (training)."""
@@ -97,7 +138,16 @@ class BaseModel:
     moe_aux_loss_weight * load balancing + moe_z_loss_weight * router z-loss, both averaged over
     the MoE layers.
     """
-    logits, moe = self._apply(params, batch, rng)
+    return self._sums(*self._apply(params, batch, rng), batch)
+
+  def loss_sums_with_state(self, params, batch: Batch, rng: jax.Array | None,
+                           recurrent) -> tuple[dict[str, jax.Array], Any]:
+    """`loss_sums` of a network that carries state across steps: (sums, the state after the
+    batch), starting from `recurrent` (see reset_recurrent)."""
+    logits, moe, recurrent = self._apply_with_state(params, batch, rng, recurrent)
+    return self._sums(logits, moe, batch), recurrent
+
+  def _sums(self, logits, moe, batch: Batch) -> dict[str, jax.Array]:
     targets, weights = batch['decoder_target_tokens'], self._weights(batch)
     per_token, z = losses.cross_entropy_with_logits(logits, targets, self.z_loss,
                                                     self.label_smoothing)

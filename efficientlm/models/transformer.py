@@ -15,12 +15,14 @@ import jax
 import jax.numpy as jnp
 
 from efficientlm.layers.attention import MultiHeadAttention
+from efficientlm.layers.block_recurrent import RECURRENT, BlockRecurrent
 from efficientlm.layers.fourier_mixing import FourierConfig, FourierMixer
 from efficientlm.layers.gss import Gss
 from efficientlm.layers.h3 import H3
 from efficientlm.layers.mlp import MlpBlock
 from efficientlm.layers.moe.layer import MOE_COLLECTION, MoeLayer
 from efficientlm.layers.norms import RMSNorm
+from efficientlm.layers.sparse_ffn import SparseMlpBlock
 from efficientlm.layers.ssm import S4dMixer
 from efficientlm.models.config import TransformerConfig
 
@@ -41,8 +43,10 @@ def attention(cfg: TransformerConfig, name: str, self_attention: bool,
               layer_index: int = 0) -> MultiHeadAttention:
   """`decode`: None for whole sequences, else the KV-cache mode (see MultiHeadAttention).
   Self-attention evolves its logits when the config says so (`causal`: the decoder's); `mixer`
-  'bigbird' makes it block-sparse (with layer `layer_index`'s random blocks), 'lsh' Reformer's."""
+  'bigbird' makes it block-sparse (with layer `layer_index`'s random blocks), 'lsh' Reformer's.
+  Self-attention takes the Scaling Transformer's sparse Q/K/V projections when configured."""
   return MultiHeadAttention(
+      sparse_qkv=cfg.sparse_qkv if self_attention else None,
       evolving=cfg.evolving_attention if self_attention else None, causal=causal,
       bigbird=cfg.bigbird if mixer == 'bigbird' else None,
       lsh=cfg.lsh if mixer == 'lsh' else None, layer_index=layer_index,
@@ -57,12 +61,19 @@ def attention(cfg: TransformerConfig, name: str, self_attention: bool,
       param_dtype=cfg.weight_dtype, name=name)
 
 
-def feed_forward(cfg: TransformerConfig, sparse: bool, causal: bool) -> nn.Module:
-  """The layer's `mlp`: a dense MLP, or a Mixture-of-Experts layer where the layout says so."""
+def feed_forward(cfg: TransformerConfig, sparse: bool, causal: bool,
+                 decode: str | None = None) -> nn.Module:
+  """The layer's `mlp`: a dense MLP, or a Mixture-of-Experts layer where the layout says so.
+  With cfg.sparse_ffn the dense MLP is the Scaling Transformer's sparse one, which computes only
+  its selected units at decode='step'."""
   if sparse:
     return MoeLayer(cfg.moe, cfg.moe.expert_mlp_dim or cfg.mlp_dim, cfg.mlp_activations,
                     causal=causal, dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype,
                     name='mlp')
+  if cfg.sparse_ffn is not None:
+    return SparseMlpBlock(cfg.mlp_dim, cfg.sparse_ffn, cfg.mlp_activations,
+                          intermediate_dropout_rate=cfg.dropout_rate, decode=decode == 'step',
+                          dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype, name='mlp')
   return MlpBlock(cfg.mlp_dim, cfg.mlp_activations, intermediate_dropout_rate=cfg.dropout_rate,
                   dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype, name='mlp')
 
@@ -123,6 +134,9 @@ def token_mixer(cfg: TransformerConfig, mixer: str, name: str, causal: bool,
     return S4dMixer(cfg.s4d, cfg.num_heads * cfg.head_dim, decode, **kwargs)
   if mixer == 'fnet':
     return FourierTokenMixer(cfg.fourier, **kwargs)
+  if mixer in ('block_recurrent', 'block_window'):
+    block = dataclasses.replace(cfg.block_recurrent, recurrent=mixer == 'block_recurrent')
+    return BlockRecurrent(block, cfg.num_heads, cfg.head_dim, decode, **kwargs)
   raise ValueError(f'Unknown token mixer {mixer!r}.')  # TransformerConfig has checked it
 
 
@@ -202,7 +216,7 @@ class DecoderLayer(nn.Module):
     mixer = token_mixer(cfg, self.mixer, 'self_attention', True, self.decode, self.layer_index)
     y, state = _self_attend(mixer, carry, h, h, mask, bias, positions, positions, det)
     if cfg.parallel_block:  # the config allows it only without cross-attention
-      y = y + feed_forward(cfg, self.sparse, causal=True)(h, det)
+      y = y + feed_forward(cfg, self.sparse, causal=True, decode=self.decode)(h, det)
       return _carry(x + residual_dropout(cfg, y, det), state), None
     x = x + residual_dropout(cfg, y, det)
     if self.cross_attention:
@@ -211,7 +225,7 @@ class DecoderLayer(nn.Module):
           h, encoded, encoder_decoder_mask, deterministic=det)
       x = x + residual_dropout(cfg, h, det)
     h = norm(cfg, 'pre_mlp_layer_norm')(x)
-    h = feed_forward(cfg, self.sparse, causal=True)(h, det)
+    h = feed_forward(cfg, self.sparse, causal=True, decode=self.decode)(h, det)
     return _carry(x + residual_dropout(cfg, h, det), state), None
 
 
@@ -276,7 +290,8 @@ def stack_layers(layer_cls, kinds: tuple[LayerKind, ...], cfg: TransformerConfig
     unit = LayerBlock
     unit_kwargs = dict(layer_cls=cls, pattern=kinds[:period],
                        layer_kwargs=tuple(sorted(layer_kwargs.items())))
-  scanned = nn.scan(unit, variable_axes={'params': 0, MOE_COLLECTION: 0, 'cache': 0},
+  scanned = nn.scan(unit, variable_axes={'params': 0, MOE_COLLECTION: 0, 'cache': 0,
+                                         RECURRENT: 0},
                     split_rngs={'params': True, 'dropout': True, 'jitter': True, 'lsh': True},
                     in_axes=(nn.broadcast,) * len(broadcast_args), length=num_layers // period,
                     metadata_params={nn.PARTITION_NAME: 'layers'})

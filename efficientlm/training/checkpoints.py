@@ -51,7 +51,9 @@ from efficientlm.errors import CheckpointMismatchError, CheckpointReadError, Che
 from efficientlm.training import integrity, orbax_noise
 from efficientlm.training.metrics import log
 
-ITEMS = ('params', 'opt_state', 'dataset', 'meta')
+# 'recurrent': the layers' state carried across training steps (document streams), when the
+# model has any (models/model.py, BaseModel.carries_state).
+ITEMS = ('params', 'opt_state', 'recurrent', 'dataset', 'meta')
 UNREADABLE_SUFFIX = '.unreadable'
 FORMAT_VERSION = 2  # 1: meta without kind, items or checksums (before integrity checks)
 
@@ -228,6 +230,7 @@ class Restored:
   step: int
   params: Any
   opt_state: Any | None
+  recurrent: Any | None = None
 
 
 class Checkpointer:
@@ -245,7 +248,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=ITEMS,
         item_handlers={'params': ArrayHandler(), 'opt_state': ArrayHandler(),
-                       'dataset': DataIteratorHandler()})
+                       'recurrent': ArrayHandler(), 'dataset': DataIteratorHandler()})
     self._pending: int | None = None  # the step being saved in the background
     self._failed = False  # a save failed and was reported
 
@@ -255,7 +258,7 @@ class Checkpointer:
   # --- saving ------------------------------------------------------------------------------------
 
   def save(self, step: int, params, opt_state=None, iterator=None, wait: bool = False,
-           meta: dict | None = None) -> bool:
+           meta: dict | None = None, recurrent=None) -> bool:
     """Starts saving `step` unless it already exists (a resumed run re-reaching its start step).
     `wait` blocks until it is committed. Raises CheckpointSaveError if this or the previous save
     failed."""
@@ -265,10 +268,10 @@ class Checkpointer:
     orbax_noise.new_operation()
     arrays = {'params': params} if opt_state is None else {'params': params,
                                                            'opt_state': opt_state}
+    if recurrent is not None:
+      arrays['recurrent'] = recurrent
     table, _ = integrity.describe(arrays)
-    items = {'params': ArraysSave(params)}
-    if opt_state is not None:
-      items['opt_state'] = ArraysSave(opt_state)
+    items = {name: ArraysSave(tree) for name, tree in arrays.items()}
     if iterator is not None and _savable(iterator):
       items['dataset'] = DataIteratorSave(iterator)
     record = integrity.seal({
@@ -319,7 +322,8 @@ class Checkpointer:
 
   # --- restoring ---------------------------------------------------------------------------------
 
-  def restore_latest(self, abstract_params, abstract_opt_state, iterator=None) -> Restored | None:
+  def restore_latest(self, abstract_params, abstract_opt_state, iterator=None,
+                     abstract_recurrent=None) -> Restored | None:
     """The newest readable checkpoint restored onto the shardings of the abstract trees, or None
     if there is none. Damaged steps are reported, moved aside and the previous one tried; a
     checkpoint of another configuration raises CheckpointMismatchError, a storage error that
@@ -329,7 +333,8 @@ class Checkpointer:
       # Every process raises UnreadableCheckpoint at the same point or not at all: reads agree
       # on their outcome (_read), the other checks see the same metadata and global arrays.
       try:
-        return self._restore(step, abstract_params, abstract_opt_state, iterator)
+        return self._restore(step, abstract_params, abstract_opt_state, iterator,
+                             abstract_recurrent)
       except UnreadableCheckpoint as e:
         damage = e
       older = [s for s in self.steps() if s < step]
@@ -340,7 +345,8 @@ class Checkpointer:
            'No older checkpoint: starting from scratch.'))
     return None
 
-  def _restore(self, step, abstract_params, abstract_opt_state, iterator) -> Restored:
+  def _restore(self, step, abstract_params, abstract_opt_state, iterator,
+               abstract_recurrent=None) -> Restored:
     step_dir = self.directory / str(step)
     meta = self._read_meta(step_dir)
     kind = meta['kind']
@@ -352,6 +358,9 @@ class Checkpointer:
     trees = {'params': abstract_params}
     if kind == 'training':
       trees['opt_state'] = abstract_opt_state
+      # A stateful model resumes its streams' state; without it the state starts fresh.
+      if abstract_recurrent is not None and 'recurrent' in meta['items']:
+        trees['recurrent'] = abstract_recurrent
     self._check_fits(step_dir, meta, trees)
 
     items = {name: ArraysRestore(tree) for name, tree in trees.items()}
@@ -377,7 +386,7 @@ class Checkpointer:
     if kind == 'parameters':
       log(f'Checkpoint {step_dir} has parameters only (upcycled or converted): the optimizer '
           'state starts fresh and the data from the beginning.')
-    return Restored(step, arrays['params'], arrays.get('opt_state'))
+    return Restored(step, arrays['params'], arrays.get('opt_state'), arrays.get('recurrent'))
 
   def _read(self, step_dir, fn: Callable[[], Any]):
     """fn() with retries on storage errors; other errors mean the checkpoint is damaged. With

@@ -11,7 +11,7 @@ import optax
 
 from efficientlm import partitioning
 from efficientlm.models import losses
-from efficientlm.models.model import BaseModel
+from efficientlm.models.model import STREAM_RESET_FEATURE, BaseModel
 from efficientlm.training.optimizers import Optimizer
 
 # Named RNG streams, folded with the step so a resumed run draws what an uninterrupted one would.
@@ -23,6 +23,8 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # The layers' state carried to the next step (BaseModel.carries_state), else None.
+  recurrent: Any = None
 
 
 def split_microbatches(batch: dict[str, jax.Array], num_microbatches: int) -> dict[str, jax.Array]:
@@ -59,9 +61,27 @@ def make_train_step(model: BaseModel, optimizer: Optimizer, num_microbatches: in
     (_, sums), grads = jax.value_and_grad(summed_loss, has_aux=True)(params)
     return sums, grads
 
+  def stateful_sums_and_grads(params, batch, rng, recurrent):
+    """Truncated backprop through time: the carried state enters as a constant (the layers
+    stop its gradient), the state after this batch leaves for the next step."""
+    recurrent = model.reset_recurrent(recurrent, batch[STREAM_RESET_FEATURE])
+
+    def summed_loss(p):
+      sums, new_state = model.loss_sums_with_state(p, batch, rng, recurrent)
+      return sums['loss'], (sums, new_state)
+
+    (_, (sums, new_state)), grads = jax.value_and_grad(summed_loss, has_aux=True)(params)
+    return sums, grads, new_state
+
   def step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(jax.random.fold_in(base_key, DROPOUT_STREAM), state.step)
-    if num_microbatches == 1:
+    recurrent = state.recurrent
+    if recurrent is not None:
+      if num_microbatches != 1:  # each row's state must see its segments in order, whole
+        raise ValueError('A model that carries state across steps trains on whole batches: set '
+                         f'num_microbatches = 1 (got {num_microbatches}).')
+      sums, grads, recurrent = stateful_sums_and_grads(state.params, batch, rng, recurrent)
+    elif num_microbatches == 1:
       sums, grads = sums_and_grads(state.params, batch, rng)
     else:
       microbatches = split_microbatches(batch, num_microbatches)
@@ -82,7 +102,8 @@ def make_train_step(model: BaseModel, optimizer: Optimizer, num_microbatches: in
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=jnp.asarray(optimizer.schedule(state.step), jnp.float32))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      recurrent=recurrent), metrics
 
   return step
 

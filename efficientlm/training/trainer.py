@@ -22,8 +22,8 @@ from etils import epath
 from efficientlm import partitioning, storage
 from efficientlm.checkpoints.load import load_params
 from efficientlm.checkpoints.restore import RestoreOptions, partitioned_initializer
-from efficientlm.errors import RunLockedError
-from efficientlm.models.model import BaseModel, EncoderDecoderModel
+from efficientlm.errors import ConfigError, RunLockedError
+from efficientlm.models.model import STREAM_RESET_FEATURE, BaseModel, EncoderDecoderModel
 from efficientlm.training import checkpoints as ckpt_lib
 from efficientlm.training import run_lock
 from efficientlm.training.data_source import (DataSource, global_batch_spec, make_eval_iterators,
@@ -66,6 +66,35 @@ def abstract_state(model: BaseModel, optimizer: Optimizer, partitioner: partitio
                      params=params, opt_state=opt_state)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   return state, shardings, init_params
+
+
+def abstract_recurrent(model: BaseModel, partitioner: partitioning.Partitioner, batch_spec,
+                       scanned: bool):
+  """The carried layer state's abstract tree, each leaf sharded over the data axes along its
+  batch axis (the second under scanned layers, after the layer axis)."""
+  if STREAM_RESET_FEATURE not in batch_spec:
+    raise ConfigError(
+        'This model carries its layers\' state from one training step to the next '
+        '(TransformerConfig.carry_state), so row r of each batch must continue row r\'s text: '
+        'train on document streams (DatasetConfig.document_streams = True, shuffle = False, '
+        'pack = False; e.g. --gin.train/data_config.DatasetConfig.document_streams=True), or '
+        'set carry_state = False to start every row fresh.')
+  axis = 1 if scanned else 0
+
+  def sharded(a):
+    logical = [None] * len(a.shape)
+    logical[axis] = 'batch'
+    spec = partitioning.logical_to_spec(logical, partitioner.axis_rules.activations,
+                                        partitioner.mesh)
+    return jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                sharding=jax.sharding.NamedSharding(partitioner.mesh, spec))
+
+  return jax.tree.map(sharded, model.recurrent_spec(batch_spec))
+
+
+def _zeros(abstract_tree):
+  return jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_tree),
+                 out_shardings=jax.tree.map(lambda a: a.sharding, abstract_tree))()
 
 
 def _fresh_opt_state(optimizer, partitioner, params, abstract: TrainState):
@@ -149,6 +178,10 @@ def train(*,
     with metrics_lib.phase('tracing the model and optimizer state'):
       abstract, state_shardings, init_params = abstract_state(model, optimizer, partitioner,
                                                               batch_spec)
+      if model.carries_state:
+        abstract = abstract.replace(recurrent=abstract_recurrent(
+            model, partitioner, batch_spec, model.module.config.scan_layers))
+        state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     checkpointer = ckpt_lib.Checkpointer(model_dir / 'checkpoints', keep_checkpoints,
                                          keep_checkpoints_every, async_checkpointing)
@@ -156,7 +189,8 @@ def train(*,
     had_checkpoints = bool(checkpointer.steps())
     with (metrics_lib.phase(f'reading the newest good checkpoint in {checkpointer.directory}')
           if had_checkpoints else contextlib.nullcontext()):
-      restored = checkpointer.restore_latest(abstract.params, abstract.opt_state, iterator)
+      restored = checkpointer.restore_latest(abstract.params, abstract.opt_state, iterator,
+                                             abstract.recurrent)
     if had_checkpoints and (restored is None or restored.opt_state is None):
       # Starting the data from its beginning: a fresh iterator, whatever a step set aside as
       # damaged may have done to this one.
@@ -179,7 +213,12 @@ def train(*,
       start = 0
       with metrics_lib.phase(f'initializing {num_params / 1e6:.2f}M parameters'):
         params, opt_state = _fresh_state(optimizer, partitioner, init_params, abstract, seed)
-    state = TrainState(step=_step_array(start, abstract), params=params, opt_state=opt_state)
+    recurrent = None
+    if abstract.recurrent is not None:  # resumed streams continue their state
+      recurrent = (restored.recurrent if restored is not None and restored.recurrent is not None
+                   else _zeros(abstract.recurrent))
+    state = TrainState(step=_step_array(start, abstract), params=params, opt_state=opt_state,
+                       recurrent=recurrent)
     log(f'{type(model.module).__name__}: {num_params / 1e6:.2f}M parameters; global batch '
         f'{global_batch}, {num_microbatches} microbatch(es); steps {start} -> {total_steps}')
     if stopped_in_startup('state'):
@@ -255,7 +294,7 @@ def train(*,
       check_params_finite(step)
       check_lock()
       checkpointer.save(step, state.params, state.opt_state, iterator,
-                        wait=not async_checkpointing)
+                        wait=not async_checkpointing, recurrent=state.recurrent)
 
     def run_eval(step):
       if eval_dataset is None:
@@ -287,7 +326,8 @@ def train(*,
         check_finite(step, metrics)
         check_params_finite(step)
         check_lock()
-        checkpointer.save(step, state.params, state.opt_state, iterator, wait=True)
+        checkpointer.save(step, state.params, state.opt_state, iterator, wait=True,
+                          recurrent=state.recurrent)
         log(f'{preemption.signal_name}: saved checkpoint {step} and stopped; run the same command '
             'again to resume from it.')
         return results
