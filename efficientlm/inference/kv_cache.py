@@ -77,13 +77,15 @@ def init_cache(model: BaseModel, params, batch_size: int, cache_length: int,
 
 def cache_length(cache: Cache) -> int | None:
   """Decoder slots of a cache (from any self-attention key); None for a decoder of recurrent
-  layers only (H3, GSS: their states have no slots, so any length decodes)."""
+  layers only (H3, GSS, block-recurrent: their states and windows have no slots, so any length
+  decodes)."""
   recurrent = False
   for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
     names = [str(getattr(k, 'key', k)) for k in path]
     if 'self_attention' in names and names[-1] == 'cached_key':
       return leaf.shape[-3]
-    recurrent |= names[-1] == 'ssm_state'
+    # SSM states (H3, GSS) and block-recurrent windows have no slots to count.
+    recurrent |= names[-1] in ('ssm_state', 'window_keys')
   if recurrent:
     return None
   raise ValueError('No self-attention KV cache found; create one with init_cache.')

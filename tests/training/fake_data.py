@@ -116,3 +116,41 @@ class _Finite:
 
   def __iter__(self):
     return (self.inner.batch(i) for i in range(self.num_batches))
+
+
+class StreamIterator(CountingIterator):
+  """Document streams (as data/document_streams.py delivers them): every document spans
+  `segments` consecutive batches of its row, and `decoder_stream_reset` marks its first one.
+  Row r's document d counts up from a start drawn from (seed, r, d), so a state carried across
+  steps helps predict it."""
+
+  def __init__(self, *args, segments: int = 3, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.segments = segments
+    local = self.element_spec['decoder_input_tokens'][0]
+    self.element_spec = dict(self.element_spec, decoder_stream_reset=((local[0],), np.int32))
+
+  def batch(self, index: int) -> dict[str, np.ndarray]:
+    document, segment = divmod(index, self.segments)
+    rows = np.arange(self.batch_size)
+    start = np.array([np.random.default_rng([self.seed, r, document]).integers(0, self.vocab - 2)
+                      for r in rows])[:, None]
+    offset = segment * self.length
+    stream = (start + offset - 1 + np.arange(self.length + 1)) % (self.vocab - 2) + 2
+    inputs = stream[:, :-1].copy()
+    if segment == 0:
+      inputs[:, 0] = 0  # BOS at a document's start; later segments continue the stream
+    targets = stream[:, 1:]
+    return {'decoder_input_tokens': inputs[self.rows].astype(np.int32),
+            'decoder_target_tokens': targets[self.rows].astype(np.int32),
+            'decoder_loss_weights': np.ones_like(targets[self.rows], np.float32),
+            'decoder_stream_reset': np.full((self.batch_size,), int(segment == 0),
+                                            np.int32)[self.rows]}
+
+
+def stream_source(batch_size: int, length: int, vocab: int, seed: int = 0, segments: int = 3):
+  def make(shard_index, num_shards):
+    return StreamIterator(batch_size, length, vocab, seed, shard_index, num_shards,
+                          segments=segments)
+
+  return make
