@@ -294,6 +294,11 @@ class BlockRecurrent(nn.Module):
     if self.decode not in DECODE_MODES:
       raise ValueError(f'BlockRecurrent: decode = {self.decode!r}; choose from {DECODE_MODES}.')
     emb = inputs_q.shape[-1]
+    length = inputs_q.shape[1]
+    if self.decode is None and self.is_initializing() and length % cfg.block_size:
+      # Parameter shapes do not depend on the length: whatever length a caller initializes
+      # with (inference and upcycling use short dummies), initialize on a padded row.
+      inputs_q = jnp.pad(inputs_q, ((0, 0), (0, -length % cfg.block_size), (0, 0)))
 
     def project(name, init=initializers.attention_kernel_init):
       y = DenseGeneral((self.num_heads, self.head_dim), ('embed', 'joined_kv'), kernel_init=init,
@@ -316,7 +321,7 @@ class BlockRecurrent(nn.Module):
     out = DenseGeneral(emb, ('joined_kv', 'embed'), axis=(-2, -1),
                        kernel_init=initializers.attention_kernel_init, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='out')(y)
-    return partitioning.constrain(out, ('batch', 'length', 'embed'))
+    return partitioning.constrain(out[:, :length], ('batch', 'length', 'embed'))
 
   def _initial_states(self, w, batch):
     return jnp.broadcast_to(w['initial_state'].astype(jnp.float32),

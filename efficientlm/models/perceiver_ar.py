@@ -209,6 +209,12 @@ class PerceiverArDecoder(nn.Module):
   def __call__(self, tokens, targets=None, positions=None, deterministic=True, decode=None,
                cache_length=None):
     cfg, n = self.config, self.perceiver.num_latents
+    length = tokens.shape[1]
+    if decode is None and self.is_initializing() and length < n:
+      # Parameter shapes do not depend on the length: a short dummy (inference, upcycling)
+      # initializes on a row padded to N.
+      tokens = jnp.pad(tokens, ((0, 0), (0, n - length)))
+      targets = None if targets is None else jnp.pad(targets, ((0, 0), (0, n - length)))
     x = embed(cfg, self.shared_embedding, tokens, deterministic)
     relpos = None
     if cfg.position_embedding == 'relative':
