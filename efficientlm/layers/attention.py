@@ -160,7 +160,8 @@ class MultiHeadAttention(nn.Module):
   layer_index: int = 0
   # Reformer LSH self-attention (layers.lsh_attention): queries double as keys (no 'key'
   # projection), hashed into buckets by random rotations: fresh ones per training step from
-  # the 'lsh' rng stream, fixed per layer (from the config's seed) when deterministic.
+  # the 'lsh' rng stream, fixed per layer (from the config's seed) when deterministic. With
+  # `decode` the cache also keeps each slot's bucket ids (lsh_attention, "Decoding").
   lsh: Any = None  # LshConfig | None
   # Scaling Transformer sparse Q/K/V projections (layers.sparse_qkv) for self-attention: a
   # shared multiplicative layer and a convolution per projection (parameters under
@@ -232,7 +233,7 @@ class MultiHeadAttention(nn.Module):
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
     if self.lsh is not None:
-      out = self._lsh(query, value, mask, bias, deterministic)
+      out = self._lsh(query, value, mask, bias, deterministic, q_positions)
     elif self.bigbird is not None:
       out = self._bigbird(query, key, value, mask, bias)
     elif self.evolving is None:
@@ -260,23 +261,68 @@ class MultiHeadAttention(nn.Module):
                      kernel_init=self.kernel_init, dtype=self.dtype,
                      param_dtype=self.param_dtype, name='sparse_qkv')(inputs, mask, positions)
 
-  def _lsh(self, query, value, mask, bias, deterministic):
+  def _lsh(self, query, value, mask, bias, deterministic, q_positions):
     """LSH attention over the whole sequence (the stacks refuse packing and prefix-LM masks
-    for lsh layers); padding from the mask's segment ids."""
+    for lsh layers); padding from the mask's segment ids. With `decode`: `_lsh_cached`."""
     from efficientlm.layers import lsh_attention  # pylint: disable=g-import-not-at-top
-    if self.decode is not None:
-      raise ValueError("token_mixers 'lsh' cannot decode with a KV cache (its buckets and chunks "
-                       'are over whole sequences). Decode with a model whose layers are dense '
-                       'attention, or score whole sequences.')
     if bias is not None:
       raise ValueError("token_mixers 'lsh' take no relative position bias: set "
                        "TransformerConfig.position_embedding = 'rotary'.")
+    if self.decode is not None:
+      return self._lsh_cached(query, value, mask, q_positions)
     if not isinstance(mask, AttentionMask) or mask.kv_segment_ids is None:
       raise ValueError('lsh layers need the mask as an AttentionMask with segment ids.')
     rng = (lsh_attention.eval_rng(self.lsh, self.layer_index) if deterministic else
            self.make_rng('lsh'))
     return lsh_attention.lsh_attention(query, value, rng, self.lsh, causal=self.causal,
                                        key_valid=mask.kv_segment_ids > 0)
+
+  def _lsh_cached(self, query, value, mask, q_positions):
+    """LSH decoding (layers.lsh_attention, "Decoding"): the cache holds the shared qk vectors,
+    the values and each slot's bucket ids; a query reads the earlier keys that share its bucket
+    in some round. 'init' and 'prefill' apply that rule at every position of their input."""
+    from efficientlm.layers import lsh_attention  # pylint: disable=g-import-not-at-top
+    modes = ('init', 'prefill', 'step')
+    if self.decode not in modes:
+      raise ValueError(f'MultiHeadAttention.decode = {self.decode!r}; choose from {modes}.')
+    if not self.causal:
+      raise ValueError("token_mixers 'lsh' decode causal (decoder) self-attention only.")
+    allowed = mask.dense if isinstance(mask, AttentionMask) else mask
+    if allowed is None:
+      raise ValueError('lsh decoding needs the dense causal mask [b, 1, q, k].')
+    batch, length, heads, depth = query.shape
+    if self.decode != 'init' and not self.has_variable('cache', 'cached_key'):
+      raise ValueError(f'{self.name}: decode={self.decode!r} needs a KV cache; create it with '
+                       "decode='init' (efficientlm.inference.kv_cache.init_cache) first.")
+    slots = (length if self.decode == 'init' else
+             self.get_variable('cache', 'cached_key').shape[1])
+    rotations = lsh_attention.decode_rotations(self.lsh, self.layer_index, heads, depth, slots)
+    buckets = lsh_attention.token_buckets(query, rotations)  # [b, len, heads, rounds]
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, (batch, slots, heads, depth),
+                               query.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros,
+                                 (batch, slots) + value.shape[2:], value.dtype)
+    cached_buckets = self.variable('cache', 'cached_buckets', jnp.zeros,
+                                   (batch, slots) + buckets.shape[2:], jnp.int32)
+    if self.decode in ('init', 'prefill'):  # the input attends to itself (slot i = token i)
+      if length > slots:
+        raise ValueError(f'Prompt of {length} tokens does not fit the KV cache of {slots}; '
+                         'create a longer cache.')
+      if self.decode == 'prefill':
+        for var, x in ((cached_key, query), (cached_value, value), (cached_buckets, buckets)):
+          var.value = jax.lax.dynamic_update_slice(var.value, x.astype(var.value.dtype),
+                                                   (0,) * x.ndim)
+      index = jnp.arange(length, dtype=jnp.int32)[None]
+      return lsh_attention.lsh_decode_attention(query, query, value, buckets, buckets, index,
+                                                index, allowed, self.lsh)
+    if length != 1 or q_positions is None:
+      raise ValueError("decode='step' takes one token per sequence and its positions [b, 1].")
+    write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))
+    for var, x in ((cached_key, query), (cached_value, value), (cached_buckets, buckets)):
+      var.value = write(var.value, x.astype(var.value.dtype), q_positions[:, 0])
+    return lsh_attention.lsh_decode_attention(
+        query, cached_key.value, cached_value.value, buckets, cached_buckets.value, q_positions,
+        jnp.arange(slots, dtype=jnp.int32)[None], allowed, self.lsh)
 
   def _bigbird(self, query, key, value, mask, bias):
     """BigBird over the whole sequence: padding from the mask's segment ids (the stacks refuse

@@ -47,10 +47,43 @@ Choices and deviations (trax: trax/layers/research/efficient_attention.py, LSHSe
 - Causality: a query never reads a later key, but WHICH earlier keys share its chunk depends on
   the buckets of all tokens, later ones included (they shift the sort). So, unlike dense causal
   attention, outputs at positions <= t may change when qk after t changes (values after t
-  never matter). This is inherent in the scheme; it is one reason decoding with a KV cache is
-  not supported here.
-- No dropout, no KV cache, no reversible/recomputed backward: memory is O(b h R L m) for the
-  logits (and O(b h R^2 L m) for the duplicate counts), computed in float32.
+  never matter). This is inherent in the chunked scheme; decoding (below) drops the chunks.
+- No dropout, no reversible/recomputed backward: memory is O(b h R L m) for the logits (and
+  O(b h R^2 L m) for the duplicate counts), computed in float32.
+
+Decoding with a cache (`lsh_decode_attention`; MultiHeadAttention's decode modes, as trax's
+LSHSelfAttention in 'predict' mode). The cache keeps per slot j the shared qk vector q_j
+(`cached_key`), v_j (`cached_value`) and its R bucket ids h_r(q_j) (`cached_buckets`
+[b, slots, h, R]), so a step hashes only its own token. Token t (its entry written first) reads
+
+  N_tj = |{r : h_r(q_j) = h_r(q_t)}|,   U(t) = {j <= t, j valid : N_tj >= 1}
+  o(t) = sum_{j in U(t)} softmax_j(s_tj + c_tj) v_j,   s_tt := SELF_VALUE,
+  c_tj = 0 with count_duplicates, log N_tj without.
+
+This is the training-time combination above with each round's candidates P_r(t) = {j <= t :
+h_r(q_j) = h_r(q_t)}, the query's WHOLE bucket among earlier tokens (the paper's P_i^(r) of
+section 2 before chunking): sum_r exp(z_r - logsumexp z) o_r = sum_j N_tj exp(s_tj - c'_tj) v_j
+/ sum_j N_tj exp(s_tj - c'_tj) with c' the training correction (log N_tj or 0), i.e. one
+softmax over U(t) with logits s_tj + log N_tj - c'_tj. So with one chunk (chunk_length = L,
+same number of buckets) training-time attention equals decoding exactly; with several chunks
+training reads only the part of a bucket inside the query's sorted chunk and the previous one,
+which decoding cannot reproduce (it depends on the sort of later tokens). The self key gets
+SELF_VALUE as in training: token t reads itself only when nothing else in U(t) is visible (the
+first token), or with weight ~exp(-1e5) otherwise. With count_duplicates this is what trax's
+predict mode computes: one softmax over the keys that share the query's bucket in any round,
+self masked the same way.
+
+Deviations from trax's predict mode: trax reads at most R * m * (1 + n_chunks_before) of the most
+recent bucket-sharing keys and, if fewer share a bucket, fills that budget with the most recent
+non-sharing ones; we read the whole bucket and nothing else (the step's logits are a masked row
+over the cache, O(slots) per head, like dense decoding). trax's prefill runs the chunked
+training computation on the (padded) prompt; our prefill applies the decoding rule at every
+prompt position, so a prompt's logits equal those of feeding it token by token and the prompt
+need not be a multiple of chunk_length (cost: [P, P] masked logits per head).
+`attend_across_buckets` does not apply to decoding (trax, which trains that way, also matches
+buckets at decode). Rotations are the evaluation ones, `eval_rng(config, layer)`, with
+`buckets_for(slots)` buckets: num_buckets None then depends on the cache length, so set
+num_buckets to decode with exactly the training-time hash of a given length.
 """
 
 from __future__ import annotations
@@ -282,3 +315,45 @@ def lsh_attention(qk: jax.Array,
                                config.buckets_for(qk.shape[1]))
   return lsh_attention_with_rotations(qk, v, rotations, config, causal=causal,
                                       key_valid=key_valid)
+
+
+def decode_rotations(config: LshConfig, layer: int, num_heads: int, head_dim: int,
+                     slots: int) -> jax.Array:
+  """The evaluation rotations of layer `layer` for a cache of `slots` tokens (decoding)."""
+  return random_rotations(eval_rng(config, layer), num_heads, head_dim, config.num_hashes,
+                          config.buckets_for(slots))
+
+
+def token_buckets(qk: jax.Array, rotations: jax.Array) -> jax.Array:
+  """Bucket ids int32 [b, L, h, rounds] of qk [b, L, h, d] (the cache's layout)."""
+  return jnp.transpose(hash_buckets(qk, rotations), (0, 3, 1, 2))
+
+
+def lsh_decode_attention(qk: jax.Array, keys: jax.Array, values: jax.Array,
+                         q_buckets: jax.Array, k_buckets: jax.Array, q_positions: jax.Array,
+                         k_positions: jax.Array, allowed: jax.Array,
+                         config: LshConfig) -> jax.Array:
+  """Decoding rule of the module docstring: each query reads the keys sharing its bucket in at
+  least one round, in one softmax (rounds combined as in training).
+
+  qk [b, q, h, d] (queries); keys [b, k, h, d] (cached qk, normalized here); values
+  [b, k, h, dv]; q_buckets [b, q, h, R], k_buckets [b, k, h, R]; q_positions [b|1, q],
+  k_positions [b|1, k] (equal positions: the self key); allowed bool [b|1, 1, q, k] (causal
+  and valid keys). Returns [b, q, h, dv] in values' dtype.
+  """
+  q = qk.astype(jnp.float32)
+  k = keys.astype(jnp.float32)
+  k = k * jax.lax.rsqrt(jnp.maximum(jnp.sum(k * k, -1, keepdims=True), 1e-12))
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+  qb, kb = jnp.swapaxes(q_buckets, 1, 2), jnp.swapaxes(k_buckets, 1, 2)  # [b, h, q|k, R]
+  # One [b, h, q, k] comparison per round (R is small): no [.., R] temporary of the logits' size.
+  counts = sum((qb[..., :, None, r] == kb[..., None, :, r]).astype(jnp.int32)
+               for r in range(q_buckets.shape[-1]))
+  is_self = q_positions[:, None, :, None] == k_positions[:, None, None, :]
+  logits = jnp.where(is_self, SELF_VALUE, logits)
+  if not config.count_duplicates:  # training weights a key found in N rounds N times
+    logits += jnp.log(jnp.maximum(counts, 1).astype(jnp.float32))
+  logits = jnp.where((counts > 0) & allowed, logits, MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum('bhqk,bkhd->bqhd', probs, values.astype(jnp.float32))
+  return out.astype(values.dtype)

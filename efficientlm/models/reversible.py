@@ -48,9 +48,11 @@ Deviations and limits:
   fold_in(rng, 2i) and fold_in(rng, 2i + 1), so the backward pass regenerates exactly the
   forward pass's masks (required for an exact inverse). Chunks of G fold in the chunk index, so
   chunked and unchunked dropout masks differ (equal in distribution).
-- Branches may use only the 'params' collection: no KV cache (decoding), no sown values (e.g.
-  MoE auxiliary losses); a branch whose init creates another collection raises ValueError
-  instead of having it dropped.
+- Branches may use only the 'params' collection: no KV cache, no sown values (e.g. MoE
+  auxiliary losses); a branch whose init creates another collection raises ValueError instead
+  of having it dropped. Decoding (`ReversibleStack.decode`) needs no gradient and skips this
+  core: a plain forward pass of the same pure branches, each also given and returning its layer's
+  'cache' collection (a KV cache), the streams combined by the same `combine_streams`.
 - F receives the stack's extra arguments (mask, bias, positions ...); their floating leaves
   (e.g. a learned relative-position bias) get cotangents, integer/bool/key leaves none. G gets
   only its input (position-wise; required for chunking).
@@ -129,6 +131,13 @@ def chunked_apply(fn: Callable[[jax.Array, jax.Array | None], jax.Array], x: jax
   # memory grew with depth (benchmarks/reversible_memory.py); x is already live here.
   out, _ = jax.lax.scan(step, jax.lax.stop_gradient(x), jnp.arange(num_chunks))
   return out
+
+
+def combine_streams(config: ReversibleConfig, y1: jax.Array, y2: jax.Array) -> jax.Array:
+  """The stack's output from its last pair: (y1 + y2) / 2 ('mean') or [y1, y2] ('concat')."""
+  if config.output == 'concat':
+    return jnp.concatenate([y1, y2], axis=-1)
+  return (y1 + y2) / 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,21 +282,31 @@ class ReversibleStack(nn.Module):
   as F(x, *args) with the stack's extra arguments, G as G(x); both return x's shape, and any
   dropout in them draws from the 'dropout' rng stream. Returns [batch, length, d_model]
   ('mean') or [batch, length, 2 * d_model] ('concat').
+
+  `decode` (inference with a cache): the branches may also read and write the 'cache'
+  collection (a KV cache); layer i's sits in the variable `layers_i` of that collection, i.e.
+  where a standard layer i's cache would be. The layers then run as a plain forward pass (no
+  gradient is taken: no custom VJP) with G unchunked (chunking only saves training memory).
   """
 
   config: ReversibleConfig
   make_f: Callable[[int], nn.Module]
   make_g: Callable[[int], nn.Module]
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *args) -> jax.Array:
     cfg = self.config
-    cfg.validate(x.shape[1])
+    if not self.decode:  # a decoding step is one token: G runs unchunked there
+      cfg.validate(x.shape[1])
     f_modules = [_build(self.make_f, i, 'make_f') for i in range(cfg.num_layers)]
     g_modules = [_build(self.make_g, i, 'make_g') for i in range(cfg.num_layers)]
-    params = [self.param(f'layers_{i}', self._init_layer, f_modules[i], g_modules[i], x, args)
-              for i in range(cfg.num_layers)]
+    if self.decode:  # flax's param() would trace the init (to check shapes) in decode modes
+      params = [self._trained_params(f'layers_{i}') for i in range(cfg.num_layers)]
+    else:
+      params = [self.param(f'layers_{i}', self._init_layer, f_modules[i], g_modules[i], x, args)
+                for i in range(cfg.num_layers)]
 
     def dropout(rng):  # the branches' training randomness: dropout, LSH's hash rotations
       return None if rng is None else {'dropout': rng, 'lsh': jax.random.fold_in(rng, 1)}
@@ -304,11 +323,40 @@ class ReversibleStack(nn.Module):
       key = self.make_rng('dropout')
       rngs = [(jax.random.fold_in(key, 2 * i), jax.random.fold_in(key, 2 * i + 1))
               for i in range(cfg.num_layers)]
+    if self.decode:
+      return self._decode(f_modules, g_modules, params, x, args, rngs, dropout)
     y1, y2 = reversible_layers([branch_f(m) for m in f_modules], [branch_g(m) for m in g_modules],
                                params, x, x, args, rngs, cfg.custom_gradient)
-    if cfg.output == 'concat':
-      return jnp.concatenate([y1, y2], axis=-1)
-    return (y1 + y2) / 2
+    return combine_streams(cfg, y1, y2)
+
+  def _decode(self, f_modules, g_modules, params, x, args, rngs, dropout):
+    """y1 = x1 + F(x2), y2 = x2 + G(y1) layer by layer, each branch applied with layer i's
+    cache. F gets the whole stored dict and returns it with its own entries updated (flax
+    passes unread entries through), then G the same, so neither loses the other's."""
+    x1 = x2 = x
+    for i, (f, g) in enumerate(zip(f_modules, g_modules)):
+      name = f'layers_{i}'
+      cache = self.get_variable('cache', name) if self.has_variable('cache', name) else {}
+      kf, kg = _layer_keys(rngs, i)
+
+      def run(module, inputs, rng, cache, p=params[i]):
+        variables = {'params': p, **({'cache': cache} if cache else {})}
+        out, state = module.apply(variables, *inputs, rngs=dropout(rng), mutable=['cache'])
+        return out, state.get('cache', {})
+
+      out, cache = run(f, (x2, *args), kf, cache)
+      x1 = x1 + out
+      out, cache = run(g, (x1,), kg, cache)
+      x2 = x2 + out
+      if cache:
+        self.put_variable('cache', name, cache)
+    return combine_streams(self.config, x1, x2)
+
+  def _trained_params(self, name: str) -> Params:
+    if not self.has_variable('params', name):
+      raise ValueError(f'Decoding a reversible stack needs its parameters ({name} is missing): '
+                       'initialize or restore the model first, then decode with them.')
+    return nn.meta.unbox(self.get_variable('params', name))
 
   @staticmethod
   def _init_layer(rng: jax.Array, f: nn.Module, g: nn.Module, x: jax.Array, args: tuple) -> dict:

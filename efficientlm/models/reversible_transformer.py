@@ -29,8 +29,16 @@ Deviations and choices:
 - The two streams are kept in float32 whatever the activation dtype (the branches compute in
   it): the backward pass reconstructs x = y - F(.), which rounds at the scale of |y|.
 - Not supported (TransformerConfig raises): MoE feed-forward layers (sown auxiliary losses),
-  evolving attention, parallel_block, scan_layers, remat; and decoding with a KV cache (raises
-  at call time).
+  evolving attention, parallel_block, scan_layers, remat.
+
+Decoding (`decode` 'init' / 'prefill' / 'step', the KV cache in the 'cache' collection): no
+gradient is taken, so ReversibleStack (decode=True) runs the same F_i and G_i as a plain forward
+pass, y1 = x1 + F_i(x2), y2 = x2 + G_i(y1), with the mode passed to the token mixer (and the
+cross-attention) as in a standard DecoderLayer, the streams in float32 from (x, x) and combined
+as in training. Parameters are the training tree, so a trained checkpoint decodes, and layer
+i's cache sits where a standard layer's does (layers_i/self_attention/cached_key ...), so
+inference/kv_cache.py reads it unchanged. Feed-forward chunking only saves training memory
+(values equal unchunked), so decoding applies G unchunked, whatever the step's length.
 """
 
 from __future__ import annotations
@@ -54,19 +62,20 @@ class MixerBranch(nn.Module):
   layer_index: int = 0
   cross_attention: bool = False
   deterministic: bool = True
+  decode: str | None = None  # the KV-cache mode (decoding only; see the module docstring)
 
   @nn.compact
   def __call__(self, x, mask, bias, positions, encoded=None, encoder_decoder_mask=None):
     cfg, det = self.config, self.deterministic
     name = 'self_attention' if self.causal else 'attention'
     h = norm(cfg, f'pre_{name}_layer_norm')(x)
-    h = token_mixer(cfg, self.mixer, name, self.causal, layer_index=self.layer_index)(
+    h = token_mixer(cfg, self.mixer, name, self.causal, self.decode, self.layer_index)(
         h, h, mask, bias, positions, positions, det)
     y = residual_dropout(cfg, h, det).astype(x.dtype)
     if not self.cross_attention:
       return y
     h = norm(cfg, 'pre_cross_attention_layer_norm')(x + y)
-    h = attention(cfg, 'encoder_decoder_attention', False)(
+    h = attention(cfg, 'encoder_decoder_attention', False, self.decode)(
         h, encoded, encoder_decoder_mask, deterministic=det)
     return y + residual_dropout(cfg, h, det).astype(x.dtype)
 
@@ -77,12 +86,13 @@ class FeedForwardBranch(nn.Module):
   config: TransformerConfig
   causal: bool
   deterministic: bool = True
+  decode: str | None = None  # 'step': a sparse FFN computes only its selected units
 
   @nn.compact
   def __call__(self, x):
     cfg, det = self.config, self.deterministic
     h = norm(cfg, 'pre_mlp_layer_norm')(x)
-    h = feed_forward(cfg, False, self.causal)(h, det)
+    h = feed_forward(cfg, False, self.causal, self.decode)(h, det)
     # In the streams' dtype (float32): the custom VJP pulls float32 cotangents back through it.
     return residual_dropout(cfg, h, det).astype(x.dtype)
 
@@ -92,29 +102,23 @@ def stack_config(cfg: TransformerConfig, num_layers: int) -> ReversibleConfig:
   return ReversibleConfig(num_layers, ff_chunks=cfg.reversible_ff_chunks, output='mean')
 
 
-def check_decode(cfg: TransformerConfig, decode: str | None) -> None:
-  if cfg.residual == 'reversible' and decode is not None:
-    raise ValueError(f"residual 'reversible' has no KV cache, so it cannot decode "
-                     f'(decode={decode!r}): score or train on whole sequences, or generate with '
-                     "a residual = 'standard' model (the same checkpoint loads into it).")
-
-
 def reversible_stack_layers(kinds: tuple[LayerKind, ...], cfg: TransformerConfig, x: jax.Array,
                             args: tuple, causal: bool, deterministic: bool,
-                            cross_attention: bool = False) -> jax.Array:
+                            cross_attention: bool = False,
+                            decode: str | None = None) -> jax.Array:
   """len(kinds) reversible layers over x, their parameters layers_0 ... layers_{n-1} directly in
   the calling module's scope (as stack_layers' unscanned layers). `args`: (mask, bias,
-  positions), then (encoded, encoder_decoder_mask) with `cross_attention`."""
-
+  positions), then (encoded, encoder_decoder_mask) with `cross_attention`. `decode`: the
+  KV-cache mode (None: whole sequences through the custom-gradient core)."""
   def make_f(i: int) -> MixerBranch:
-    return MixerBranch(cfg, causal, kinds[i].mixer, i, cross_attention, deterministic)
+    return MixerBranch(cfg, causal, kinds[i].mixer, i, cross_attention, deterministic, decode)
 
   def make_g(i: int) -> FeedForwardBranch:
     del i  # every layer's G is the same module; its parameters are layers_i's
-    return FeedForwardBranch(cfg, causal, deterministic)
+    return FeedForwardBranch(cfg, causal, deterministic, decode)
 
   stack = ReversibleStack(stack_config(cfg, len(kinds)), make_f, make_g, deterministic,
-                          name='reversible')
+                          decode=decode is not None, name='reversible')
   # Share the caller's scope: layers_i sit where the standard stack puts them, not under
   # 'reversible/', so the two trees are the same.
   nn.share_scope(stack.parent, stack)

@@ -15,7 +15,7 @@ from efficientlm.layers.attention import (AttentionMask, padding_segment_ids,
 from efficientlm.layers.dense import DenseGeneral, Embed
 from efficientlm.layers.position import RelativePositionBias
 from efficientlm.models.config import ATTENTION_MIXERS, TransformerConfig
-from efficientlm.models.reversible_transformer import check_decode, reversible_stack_layers
+from efficientlm.models.reversible_transformer import reversible_stack_layers
 from efficientlm.models.transformer import (DecoderLayer, EncoderLayer, hidden, initial_carry,
                                             layer_pattern, norm, residual_dropout, stack_layers)
 
@@ -162,7 +162,6 @@ class Decoder(nn.Module):
     cfg = self.config
     if self.cross_attention and encoded is None and decode != 'step':
       raise ValueError('An encoder-decoder Decoder needs the encoder output.')
-    check_decode(cfg, decode)
     x = embed(cfg, self.shared_embedding, decoder_input_tokens, deterministic)
     if decode == 'step' and cache_length is None and not _attends(cfg, self.cross_attention):
       if positions is None:
@@ -203,7 +202,7 @@ class Decoder(nn.Module):
     kinds = layer_pattern(cfg, cfg.num_decoder_layers, 'decoder')
     if cfg.residual == 'reversible':
       x = reversible_stack_layers(kinds, cfg, x, args, causal=True, deterministic=deterministic,
-                                  cross_attention=self.cross_attention)
+                                  cross_attention=self.cross_attention, decode=decode)
     else:
       x = hidden(stack_layers(DecoderLayer, kinds, cfg, initial_carry(cfg, x), args,
                               deterministic=deterministic, cross_attention=self.cross_attention,

@@ -71,5 +71,3 @@ def test_what_lsh_cannot_do_is_a_clear_error():
                 decoder_positions=np.arange(16, dtype=np.int32)[None])
   with pytest.raises(ValueError, match='do not support packed examples'):
     model.logits(params, packed)
-  with pytest.raises(ValueError, match="'lsh' cannot decode with a KV cache"):
-    model.predict(params, jnp.asarray(batch['decoder_target_tokens'][:, :3]))

@@ -214,7 +214,3 @@ def test_what_reversible_cannot_do_is_a_clear_error():
   batch = helpers.lm_batch(0, 1, 8, 64)
   with pytest.raises(ValueError, match='choose a divisor of 8'):
     helpers.init_params(model, batch)
-  model = helpers.decoder_model(residual='reversible')
-  params = helpers.init_params(model, batch)
-  with pytest.raises(ValueError, match="'reversible' has no KV cache"):
-    model.predict(params, jnp.asarray(batch['decoder_target_tokens'][:, :3]))

@@ -119,9 +119,16 @@ def test_terraformer_tiny_trains():
                    g['self_attention']['sparse_qkv']['multiplicative_d']):
         assert np.abs(np.asarray(leaf)).max() > 0
   assert losses[-1] < losses[0] - 0.05, losses
-  # Reversible and LSH layers keep no KV cache: generation is refused with the reason.
-  with pytest.raises(ValueError, match="residual 'reversible' has no KV cache"):
-    model.predict(params, jnp.array([[5, 6, 7]]), decoding.DecodeOptions(max_decode_length=2))
+  # It decodes through model.predict. A cache of 16 slots (1 + 3 prompt tokens + 12 steps) is
+  # one LSH chunk with the buckets of a 16-token sequence, where decoding is the training-time
+  # function (layers/lsh_attention.py, "Decoding"): greedy tokens are the argmax of the
+  # whole-sequence forward pass over the generated sequence.
+  out = model.predict(params, jnp.array([[5, 6, 7]]),
+                      decoding.DecodeOptions(max_decode_length=12, eos_id=-1))
+  assert out.tokens.shape == (1, 12) and int(out.lengths[0]) == 12
+  sequence = jnp.concatenate([jnp.array([[0, 5, 6, 7]]), out.tokens], axis=1)
+  full = jax.jit(lambda p, t: model.module.apply({'params': p}, t))(params, sequence)
+  np.testing.assert_array_equal(np.argmax(full[0, 3:15], -1), out.tokens[0])
 
 
 BASE = helpers.TINY_DECODER
