@@ -14,6 +14,19 @@ two evaluations give the slope and the solution exactly; the reported counts sho
 (a few hundred parameters at most: mlp_dim moves in whole units). E.g. multi-query attention
 drops (num_heads - 1) x head_dim x emb_dim x 2 key/value weights per layer; the solve gives
 them back to the MLP. A row whose extra parameters are the point (MoE) sets match_params=False.
+A row whose MLP width must be a multiple of something (the Scaling Transformer's sparse FFN: of
+its block size) sets mlp_multiple; the solve then rounds to it, so up to mlp_multiple / 2 units
+of difference remain.
+
+Sizes of the long-context rows are for the harness's short rows (64 tokens for the synthetic
+tasks, code_length for code): 16-token blocks (BigBird, LSH chunks, Block-Recurrent blocks) and
+32 Perceiver AR latents. At long lengths bind e.g. BLOCK_SIZE = 512 and NUM_LATENTS = 1024:
+architectures_bench --gin_bindings (its model builds ignore macros a row does not read), or
+compare_architectures --row_gin_bindings (the trainer refuses such macros, so these reach only
+the rows that read them; resolve's row_bindings). The
+Block-Recurrent rows carry state across training steps only where the data are document streams
+(a task that binds CARRY_STATE = True, compare_architectures' stdlib_code_streams); elsewhere
+each row starts fresh (CARRY_STATE = False here).
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ from collections.abc import Sequence
 
 import jax
 
-from efficientlm import gin_config, partitioning
+from efficientlm import errors, gin_config, partitioning
 
 DEFAULT_BASE = 'models/decoder/tiny.gin'
 _MLP_DIM = 'TransformerConfig.mlp_dim'
@@ -38,12 +51,16 @@ class Architecture:
   gin_files: tuple[str, ...] = ()
   bindings: tuple[str, ...] = ()
   match_params: bool = True
+  mlp_multiple: int = 1  # the matched mlp_dim is rounded to a multiple of this
   note: str = ''
 
   def __post_init__(self):
     if not self.name or not self.name.replace('_', '').replace('-', '').isalnum():
       raise ValueError(f'Architecture.name = {self.name!r}; use letters, digits, _ and - (it '
                        'names a MODEL_DIR and a table row).')
+    if self.mlp_multiple < 1:
+      raise ValueError(f'Architecture {self.name!r}: mlp_multiple = {self.mlp_multiple}; use 1 '
+                       'or the size the MLP width must be a multiple of.')
 
 
 # The first row is the baseline every ratio divides by.
@@ -79,6 +96,33 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture('gss_hybrid', ('models/gss/hybrid.gin',),
                  ('TransformerConfig.num_kv_heads = None', 'GSS_ATTENTION_WINDOW = 16'),
                  note='GSS and local attention (16-token window) alternating'),
+    Architecture('scaling', ('models/scaling/scaling.gin',),
+                 ('TransformerConfig.num_kv_heads = None', 'SPARSE_FFN_BLOCK_SIZE = 32',
+                  'SPARSE_FFN_CONTROLLER_RANK = 16', 'SPARSE_QKV_MODULES = 4'), mlp_multiple=32,
+                 note='Scaling Transformer (Jaszczur et al. 2021): sparse FFN (1 of each 32 '
+                 'units, rank-16 controller) and sparse QKV (4 modules)'),
+    Architecture('terraformer', ('models/terraformer/terraformer.gin',),
+                 ('LSH_CHUNK = 16', 'SPARSE_FFN_BLOCK_SIZE = 32', 'SPARSE_FFN_CONTROLLER_RANK = 16',
+                  'SPARSE_QKV_MODULES = 4'), mlp_multiple=32,
+                 note='Terraformer: scaling\'s sparse FFN and QKV, LSH attention (16-token '
+                 'chunks), reversible layers'),
+    Architecture('block_window', ('models/block_recurrent/block_recurrent.gin',
+                                  'models/block_recurrent/window.gin'),
+                 ('TransformerConfig.num_kv_heads = None', 'BLOCK_SIZE = 16',
+                  'CARRY_STATE = False'),
+                 note='Block-Recurrent paper\'s sliding-window baseline: 16-token blocks reading '
+                 'the previous block; previous block carried on streams'),
+    Architecture('block_recurrent', ('models/block_recurrent/block_recurrent.gin',),
+                 ('TransformerConfig.num_kv_heads = None', 'BLOCK_SIZE = 16', 'NUM_STATES = 16',
+                  'CARRY_STATE = False'), match_params=False,
+                 note='Block-Recurrent Transformer (Hutchins et al. 2022): block_window then a '
+                 'recurrent layer (16 states, LSTM gates, state MLP), state carried on streams; '
+                 'its state weights are extra parameters (not matched: no MLP width gives them '
+                 'back)'),
+    Architecture('perceiver_ar', ('models/perceiver_ar/perceiver_ar.gin',),
+                 ('TransformerConfig.num_kv_heads = None', 'NUM_LATENTS = 32'),
+                 note='Perceiver AR (Hawthorne et al. 2022): the last 32 positions cross-attend to '
+                 'the row, then latent self-attention; loss on those 32 only'),
 )
 BASELINE = ARCHITECTURES[0].name
 
@@ -107,12 +151,21 @@ def build_model(gin_files: Sequence[str], bindings: Sequence[str] = ()):
   return gin_config.macro('MODEL')
 
 
-def count_params(model, length: int = 512) -> int:
-  """Parameters of `model`, from abstract shapes (nothing allocated; 512 tokens so that
-  block-sparse and chunked layers have several blocks)."""
+def count_params(model, length: int | None = None) -> int:
+  """Parameters of `model`, from abstract shapes (nothing allocated; by default 512 tokens so
+  that block-sparse and chunked layers have several blocks, or more where the model needs them:
+  Perceiver AR's latents, a larger block; the count does not depend on the length)."""
+  if length is None:
+    cfg = model.module.config
+    length = max(512, getattr(getattr(model.module, 'perceiver', None), 'num_latents', 0))
+    for size in (cfg.block_recurrent and cfg.block_recurrent.block_size,
+                 cfg.lsh and cfg.lsh.chunk_length):
+      length = math.lcm(length, size or 1)
   batch = model.dummy_batch(1, {'inputs': length, 'targets': length})
   abstract = jax.eval_shape(lambda: partitioning.unbox(model.init(jax.random.key(0), batch)))
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
+  # Only 'params': a stateful model's init also returns its 'recurrent' state (block-recurrent
+  # layers' windows and states), sized by the batch and block, not parameters.
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract['params']))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,20 +183,45 @@ class Resolved:
     return self.num_params / self.baseline_params
 
 
+def macro_bindings_used(gin_files: Sequence[str], bindings: Sequence[str],
+                        optional: Sequence[str]) -> list[str]:
+  """The `optional` bindings that apply to these gin files: a `NAME = v` of a macro that no file
+  defines or uses is dropped (the trainer refuses such bindings, as likely misspellings), others
+  kept. E.g. BLOCK_SIZE = 128 applies to the Block-Recurrent rows only."""
+  gin_config.parse(gin_files, bindings)
+  kept = []
+  for binding in optional:
+    try:
+      gin_config.check_command_line_macros([binding])
+    except errors.ConfigError:
+      continue
+    kept.append(binding)
+  return kept
+
+
 def resolve(archs: Sequence[Architecture], base: str = DEFAULT_BASE,
             bindings: Sequence[str] = (), run_gins: Sequence[str] = (),
-            parse_only: Sequence[str] = ()) -> list[Resolved]:
+            parse_only: Sequence[str] = (),
+            row_bindings: Sequence[str] = ()) -> list[Resolved]:
   """Each row's gin arguments and parameter count, mlp_dim matched to the first row's count.
-  `parse_only`: bindings the gin files need to parse (a required MODEL_DIR), not the row's."""
+  `parse_only`: bindings the gin files need to parse (a required MODEL_DIR), not the row's.
+  `row_bindings`: macro bindings applied (after `bindings`) to the rows whose gin files define
+  or use the macro only (macro_bindings_used)."""
 
   def model_of(files, extra):
     return build_model(files, [*extra, *parse_only])
 
-  files, extra = gin_arguments(archs[0], base, bindings, run_gins)
+  def arguments(arch):
+    files, extra = gin_arguments(arch, base, bindings, run_gins)
+    if row_bindings:
+      extra = [*extra, *macro_bindings_used(files, [*extra, *parse_only], row_bindings)]
+    return files, extra
+
+  files, extra = arguments(archs[0])
   target = count_params(model_of(files, extra))
   rows = []
   for arch in archs:
-    files, extra = gin_arguments(arch, base, bindings, run_gins)
+    files, extra = arguments(arch)
     model = model_of(files, extra)
     count = count_params(model)
     if arch.match_params and count != target:
@@ -154,7 +232,8 @@ def resolve(archs: Sequence[Architecture], base: str = DEFAULT_BASE,
       if slope <= 0:
         raise ValueError(f'Architecture {arch.name!r}: its parameter count does not grow with '
                          f'{_MLP_DIM}, so it cannot be matched; set match_params=False.')
-      width = max(1, width + round((target - count) / slope))
+      multiple = arch.mlp_multiple
+      width = max(multiple, multiple * round((width + (target - count) / slope) / multiple))
       extra = [*extra, f'{_MLP_DIM} = {width}']
       count = count_params(model_of(files, extra))
     rows.append(Resolved(arch, tuple(files), tuple(extra), count, target))

@@ -9,16 +9,28 @@ tokens, batch `--batch_size`, on one device. Measured:
   (donated) + temporaries: parameters, optimizer state, batch and activations; temp_bytes: the
   temporaries alone (activations, attention scores), where token mixers differ;
 - device_peak_bytes (GPU/TPU, `--device_peak`): the device's measured high-water mark
-  (`memory_stats()['peak_bytes_in_use']`), each point in a fresh subprocess so the mark is that
-  point's alone (one warm-up and one timed step there).
-Ratios divide by the dense row at the same length, measured in the same process (time) or by
-the same analysis (memory). Rows have matched parameter counts (architectures.resolve); the
+  (`memory_stats()['peak_bytes_in_use']`) after the point's steps, in its own process (below)
+  so that the mark is that point's alone.
+Ratios divide by the dense row at the same length, measured the same way (time) or by the same
+analysis (memory). Rows have matched parameter counts (architectures.resolve); the
 counts are in the JSON. A failing point (out of memory, unsupported option) records its error.
+
+One process per point (the default; --in_process for one process): a point that runs out of
+host memory is a process kill on CPU, recorded as that point's error instead of ending the run,
+and each point's device peak is its own. A step whose compiled memory analysis exceeds
+--max_memory_gib (default on CPU: 85% of the machine's RAM) is not run (its error says so, its
+memory numbers are kept). Rows with a length condition (a block size or LSH chunk that must
+divide the length, Perceiver AR's latents <= length) are skipped where it fails, with the
+reason; bind long-length sizes for them, e.g.
+
+  python -m benchmarks.architectures_bench --architectures block_window block_recurrent \
+      perceiver_ar --lengths 1024 4096 16384 --gin_bindings 'BLOCK_SIZE = 512' \
+      --gin_bindings 'NUM_LATENTS = 1024' --name architectures_long
 
   python -m benchmarks.architectures_bench                          # 512 .. 16k, every row
   python -m benchmarks.architectures_bench --lengths 1024 4096 --architectures dense mqa
   python -m benchmarks.architectures_bench --gin_bindings 'TransformerConfig.emb_dim = 512'
-  python -m benchmarks.architectures_bench --quick                  # CPU smoke test
+  python -m benchmarks.architectures_bench --quick                  # CPU smoke test (in process)
 
 Writes benchmarks/results/architectures_<platform>.json and a log-log plot (time and memory vs
 length, one line per architecture) beside it, .png. Times on CPU say little about accelerators.
@@ -28,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import signal
 import statistics
 import subprocess
 import sys
@@ -98,12 +112,40 @@ def device_peak_bytes() -> int | None:
   return None if not stats else stats.get('peak_bytes_in_use')
 
 
-def measure(model, batch_size: int, length: int, repeats: int) -> dict:
+def length_problem(model, length: int) -> str | None:
+  """Why `model` cannot take rows of `length` tokens (a block, chunk or latent count that does
+  not fit), or None. The models raise these too, but only after tracing; this names the binding."""
+  cfg = model.module.config
+  mixers = set(cfg.token_mixers or ())
+  sizes = []
+  if mixers & {'block_window', 'block_recurrent'} and cfg.block_recurrent is not None:
+    sizes.append(('BLOCK_SIZE', cfg.block_recurrent.block_size))
+  if 'lsh' in mixers and cfg.lsh is not None:
+    sizes.append(('LSH_CHUNK', cfg.lsh.chunk_length))
+  for name, size in sizes:
+    if length % size:
+      return f'{name} = {size} does not divide the length {length}'
+  perceiver = getattr(model.module, 'perceiver', None)
+  if perceiver is not None and perceiver.num_latents > length:
+    return f'NUM_LATENTS = {perceiver.num_latents} > the length {length}'
+  return None
+
+
+class MemoryLimit(RuntimeError):
+  """The compiled step would need more memory than the limit: not run."""
+
+
+def measure(model, batch_size: int, length: int, repeats: int,
+            max_memory_bytes: int | None = None) -> dict:
   """Time and memory of one train step of `model` (fresh parameters, random tokens)."""
   partitioner = single_device_partitioner()
   optimizer = optimizers.adamw(optimizers.constant_schedule(1e-3))
   compiled, abstract, init_params = compile_train_step(model, optimizer, batch_size, length,
                                                        partitioner)
+  analysis = memory(compiled)
+  if max_memory_bytes and (analysis['memory_bytes'] or 0) > max_memory_bytes:
+    raise MemoryLimit(f'not run: the step needs {analysis["memory_bytes"] / 2**30:.1f} GiB > '
+                      f'--max_memory_gib {max_memory_bytes / 2**30:.1f}', analysis)
   params, _, _ = partitioner.sharded_init(init_params, jax.random.key(0))
   with partitioner.context():
     opt_state = jax.jit(optimizer.tx.init, out_shardings=jax.tree.map(
@@ -122,7 +164,7 @@ def measure(model, batch_size: int, length: int, repeats: int) -> dict:
     state, _ = compiled(state, batch)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
-  return {'seconds': statistics.median(times), **memory(compiled)}
+  return {'seconds': statistics.median(times), **analysis}
 
 
 # --- ratios -----------------------------------------------------------------------------------
@@ -149,34 +191,61 @@ def _error(e: Exception) -> str:
   return f'{type(e).__name__}: {lines[0][:400] if lines else ""}'
 
 
+def measure_point(row: architectures.Resolved, length: int, batch_size: int, repeats: int,
+                  max_memory_bytes: int | None = None, device_peak: bool = False) -> dict:
+  """One point's numbers, or its error (in this process)."""
+  point = {}
+  try:
+    model = architectures.build_model(row.gin_files, row.bindings)
+    problem = length_problem(model, length)
+    if problem:
+      return {'error': f'skipped: {problem}'}
+    point.update(measure(model, batch_size, length, repeats, max_memory_bytes))
+  except MemoryLimit as e:
+    point.update(e.args[1], error=e.args[0])
+  except Exception as e:  # pylint: disable=broad-except
+    point['error'] = _error(e)
+  if device_peak and 'error' not in point:
+    point['device_peak_bytes'] = device_peak_bytes()
+  return point
+
+
 def _point_in_subprocess(argv: Sequence[str], name: str, length: int) -> dict:
-  """device_peak_bytes of one point, measured in a fresh process."""
+  """One point measured in a fresh process (`argv` re-creates the run's settings): its own
+  device high-water mark, and an out-of-memory kill costs only this point."""
   command = [sys.executable, '-m', 'benchmarks.architectures_bench', *argv,
              '--point', f'{name}:{length}']
-  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(pathlib.Path(__file__).resolve().parent.parent),
+       *filter(None, [os.environ.get('PYTHONPATH')])]))
+  done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
   for line in done.stdout.splitlines():
     if line.startswith(_POINT_PREFIX):
       return json.loads(line[len(_POINT_PREFIX):])
+  if done.returncode < 0:
+    signame = signal.Signals(-done.returncode).name
+    why = ' (out of memory?)' if done.returncode == -signal.SIGKILL else ''
+    return {'error': f'process killed by {signame}{why}'}
   tail = (done.stderr.strip().splitlines() or ['no output'])[-1]
-  return {'device_peak_bytes': None, 'device_peak_error': tail[:400]}
+  return {'error': f'process exited {done.returncode}: {tail[:400]}'}
 
 
 def run(archs: Sequence[architectures.Architecture], lengths: Sequence[int], batch_size: int,
         repeats: int, base: str, bindings: Sequence[str], device_peak: bool = False,
-        argv: Sequence[str] = ()) -> tuple[list[dict], list[architectures.Resolved]]:
-  """(points with ratios, resolved rows). `argv` re-creates this run in a subprocess."""
+        argv: Sequence[str] = (), in_process: bool = True,
+        max_memory_bytes: int | None = None) -> tuple[list[dict], list[architectures.Resolved]]:
+  """(points with ratios, resolved rows). Without `in_process`, each point runs in a subprocess
+  started with `argv` (this run's command-line flags)."""
   rows = architectures.resolve(archs, base, bindings)
   points = []
   for length in lengths:
     for row in rows:
       point = {'architecture': row.arch.name, 'length': length, 'batch_size': batch_size,
                'num_params': row.num_params}
-      try:
-        point.update(measure(architectures.build_model(row.gin_files, row.bindings), batch_size,
-                             length, repeats))
-      except Exception as e:  # pylint: disable=broad-except
-        point['error'] = _error(e)
-      if device_peak and 'error' not in point:
+      if in_process:
+        point.update(measure_point(row, length, batch_size, repeats, max_memory_bytes,
+                                   device_peak))
+      else:
         point.update(_point_in_subprocess(argv, row.arch.name, length))
       print(json.dumps(point), flush=True)
       points.append(point)
@@ -226,6 +295,11 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--quick', action='store_true',
                       help=f'CPU smoke test: lengths {QUICK_LENGTHS}, a 1-layer d=64 model')
   parser.add_argument('--name', default='architectures', help='results/<name>_<platform>.json')
+  parser.add_argument('--in_process', action='store_true',
+                      help='every point in this process (default: one process per point)')
+  parser.add_argument('--max_memory_gib', type=float, default=None,
+                      help='do not run steps whose compiled memory exceeds this (default on CPU: '
+                      '85%% of RAM; elsewhere none)')
   parser.add_argument('--point', default=None, help=argparse.SUPPRESS)  # NAME:LENGTH (internal)
   return parser
 
@@ -239,20 +313,28 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path | None:
               f"'{dtype}'", *args.gin_bindings]
   lengths = args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
   repeats = 2 if args.quick else args.repeats
-  if args.point:  # one point, in its own process: its device high-water mark
+  device_peak = args.device_peak == 'on' or (args.device_peak == 'auto' and platform != 'cpu')
+  max_memory_gib = args.max_memory_gib
+  if max_memory_gib is None and platform == 'cpu':
+    max_memory_gib = 0.85 * os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
+  max_memory_bytes = int(max_memory_gib * 2**30) if max_memory_gib else None
+  if args.point:  # one point, in its own process
     name, length = args.point.split(':')
     (row,) = [r for r in architectures.resolve(architectures.select([name]), args.base, bindings)
               if r.arch.name == name]
-    measure(architectures.build_model(row.gin_files, row.bindings), args.batch_size,
-            int(length), 1)
-    print(_POINT_PREFIX + json.dumps({'device_peak_bytes': device_peak_bytes()}), flush=True)
+    point = measure_point(row, int(length), args.batch_size, repeats, max_memory_bytes,
+                          device_peak)
+    print(_POINT_PREFIX + json.dumps(point), flush=True)
     return None
-  device_peak = args.device_peak == 'on' or (args.device_peak == 'auto' and platform != 'cpu')
+  in_process = args.in_process or args.quick
   points, rows = run(architectures.select(args.architectures), lengths, args.batch_size,
-                     repeats, args.base, bindings, device_peak, argv)
+                     repeats, args.base, bindings, device_peak, argv, in_process,
+                     max_memory_bytes)
   config = {'base': args.base, 'bindings': bindings, 'lengths': list(lengths),
             'batch_size': args.batch_size, 'repeats': repeats, 'activation_dtype': dtype,
-            'device_peak': device_peak, 'step': 'forward + backward + AdamW update, one device',
+            'device_peak': device_peak, 'one_process_per_point': not in_process,
+            'max_memory_gib': max_memory_gib,
+            'step': 'forward + backward + AdamW update, one device',
             'baseline': rows[0].arch.name,
             'architectures': [{'name': r.arch.name, 'note': r.arch.note,
                                'gin_files': list(r.gin_files), 'bindings': list(r.bindings),

@@ -17,6 +17,26 @@ batches. Tasks:
   synthetic_induction  induction heads; metric: answer accuracy
   stdlib_code_lm       bytes of the Python standard library's source, split by file; metric:
                        validation bits per byte = loss / ln 2 x tokens / bytes (stdlib_code.py)
+  stdlib_code_streams  the same corpus read as document streams (data/document_streams.py): row
+                       r of every batch continues row r's files, segment after segment, in order
+                       (DOCUMENT_STREAMS = True, SHUFFLE_TRAIN_EXAMPLES = False, PACK = False
+                       for every row, so all rows train on the same segments), and the
+                       Block-Recurrent rows carry their state and window across steps
+                       (CARRY_STATE = True); evaluated as stdlib_code_lm (unstreamed validation
+                       rows, each starting fresh); metric: bits per byte
+
+A task's `data` is the seqio task it reads (MIXTURE_OR_TASK_NAME; default: its name), its
+`bindings` are applied to every row after the row's own, and its `row_bindings` (macros such as
+CARRY_STATE) only to the rows whose gin files define or use the macro: the trainer refuses a
+binding of a macro that nothing reads. --row_gin_bindings does the same for a run, e.g. sizes
+of the long-context rows at long lengths:
+
+  python scripts/compare_architectures.py --output_dir runs/compare_streams \
+      --tasks stdlib_code_streams --architectures block_window block_recurrent perceiver_ar \
+      --code_length 1024 --row_gin_bindings 'BLOCK_SIZE = 128' \
+      --row_gin_bindings 'NUM_LATENTS = 256'
+
+Tasks on the code corpus use --code_length.
 
 Resuming: killing the harness (Ctrl-C, SIGTERM) lets the current run save a checkpoint; the
 same command again skips every finished pair (OUTPUT_DIR/<task>/<arch>/result.json exists) and
@@ -50,12 +70,22 @@ RESULT_FILE = 'result.json'
 BUDGET_FILE = 'budget.json'
 
 
+CODE_DATA = 'stdlib_code_lm'  # the seqio task whose rows are --code_length long
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
-  name: str
+  name: str  # the table's task column and OUTPUT_DIR/<name>
   vocab_size: int  # the model's; at least the task's vocabulary
   length: int  # TASK_FEATURE_LENGTHS['targets']
   metric: str  # the table's quality column: 'accuracy' (higher is better) or 'bits_per_byte'
+  data: str = ''  # the seqio task (MIXTURE_OR_TASK_NAME); '' = name
+  bindings: tuple[str, ...] = ()  # for every row of this task, after the row's bindings
+  row_bindings: tuple[str, ...] = ()  # macros, for the rows that define or use them only
+
+  @property
+  def data_name(self) -> str:
+    return self.data or self.name
 
 
 TASKS = {t.name: t for t in (
@@ -64,6 +94,10 @@ TASKS = {t.name: t for t in (
     Task('synthetic_recall', 64, 64, 'accuracy'),  # one 49-token example per row
     Task('synthetic_induction', 64, 64, 'accuracy'),  # one 64-token example per row
     Task('stdlib_code_lm', 384, 512, 'bits_per_byte'),  # 259 byte ids, rounded up to 128s
+    # Streams need unshuffled, unpacked rows; the streams task sets both for every row.
+    Task('stdlib_code_streams', 384, 512, 'bits_per_byte', data=CODE_DATA,
+         bindings=('DOCUMENT_STREAMS = True', 'SHUFFLE_TRAIN_EXAMPLES = False', 'PACK = False'),
+         row_bindings=('CARRY_STATE = True',)),
 )}
 
 
@@ -79,15 +113,17 @@ class Budget:
   max_eval_batches: int = 20
   base: str = architectures.DEFAULT_BASE
   bindings: tuple[str, ...] = ()
+  row_bindings: tuple[str, ...] = ()  # macros, for the rows that define or use them only
 
   def __post_init__(self):
     object.__setattr__(self, 'bindings', tuple(self.bindings))
+    object.__setattr__(self, 'row_bindings', tuple(self.row_bindings))
     if not 0 <= self.warmup_steps < self.steps:
       raise ValueError(f'Budget: warmup_steps {self.warmup_steps} must be in [0, steps = '
                        f'{self.steps}); lower --warmup_steps or raise --steps.')
 
   def length(self, task: Task) -> int:
-    return self.code_length if task.name == 'stdlib_code_lm' else task.length
+    return self.code_length if task.data_name == CODE_DATA else task.length
 
   def tokens(self, task: Task) -> int:
     return self.steps * self.batch_size * self.length(task)
@@ -100,8 +136,8 @@ class Interrupted(RuntimeError):
 # --- one (task, architecture) run ------------------------------------------------------------
 
 def task_bindings(task: Task, budget: Budget) -> list[str]:
-  return [f"MIXTURE_OR_TASK_NAME = '{task.name}'", f'VOCAB_SIZE = {task.vocab_size}',
-          f"TASK_FEATURE_LENGTHS = {{'targets': {budget.length(task)}}}"]
+  return [f"MIXTURE_OR_TASK_NAME = '{task.data_name}'", f'VOCAB_SIZE = {task.vocab_size}',
+          f"TASK_FEATURE_LENGTHS = {{'targets': {budget.length(task)}}}", *task.bindings]
 
 
 def run_arguments(row: architectures.Resolved, task: Task, budget: Budget,
@@ -160,9 +196,9 @@ def read_result(model_dir: pathlib.Path, task: Task, budget: Budget,
     speeds = speeds[1:]
   memory_path = model_dir / 'memory.json'
   memory = json.loads(memory_path.read_text()) if memory_path.exists() else {}
-  loss = scores[f'{task.name}/loss']
+  loss = scores[f'{task.data_name}/loss']
   return {
-      'accuracy': scores[f'{task.name}/accuracy'],
+      'accuracy': scores[f'{task.data_name}/accuracy'],
       'loss': loss,
       'bits_per_byte': (loss / math.log(2) / bytes_per_token if bytes_per_token else None),
       'tokens_per_s': statistics.median(speeds) if speeds else None,
@@ -177,8 +213,10 @@ def _check_budget(output_dir: pathlib.Path, budget: Budget) -> None:
   path = output_dir / BUDGET_FILE
   recorded = dataclasses.asdict(budget)
   recorded['bindings'] = list(recorded['bindings'])
+  recorded['row_bindings'] = list(recorded['row_bindings'])
   if path.exists():
     previous = json.loads(path.read_text())
+    previous.setdefault('row_bindings', [])  # directories from before row bindings existed
     if previous != recorded:
       changed = sorted(k for k in set(previous) | set(recorded)
                        if previous.get(k) != recorded.get(k))
@@ -191,7 +229,7 @@ def _check_budget(output_dir: pathlib.Path, budget: Budget) -> None:
 
 
 def _corpus_stats(tasks: Sequence[Task]) -> dict | None:
-  if not any(t.name == 'stdlib_code_lm' for t in tasks):
+  if not any(t.data_name == CODE_DATA for t in tasks):
     return None
   from efficientlm.data import stdlib_code  # pylint: disable=g-import-not-at-top  (TF)
   return stdlib_code.corpus_stats()
@@ -210,7 +248,8 @@ def compare(output_dir: str | pathlib.Path, archs: Sequence[architectures.Archit
   for task in tasks:
     shared = [*task_bindings(task, budget), *budget.bindings]
     for row in architectures.resolve(archs, budget.base, shared, run_gins=(RUN_GIN,),
-                                     parse_only=[f"MODEL_DIR = '{output_dir}'"]):
+                                     parse_only=[f"MODEL_DIR = '{output_dir}'"],
+                                     row_bindings=[*task.row_bindings, *budget.row_bindings]):
       index = len(rows) + len(failed) + 1
       model_dir = output_dir / task.name / row.arch.name
       label = f'[{index}/{len(pairs)}] {task.name} / {row.arch.name}'
@@ -229,7 +268,7 @@ def compare(output_dir: str | pathlib.Path, archs: Sequence[architectures.Archit
         failed.append(f'{task.name}/{row.arch.name}')
         continue
       numbers = read_result(model_dir, task, budget,
-                            bytes_per_token if task.name == 'stdlib_code_lm' else None)
+                            bytes_per_token if task.data_name == CODE_DATA else None)
       if numbers is None:
         raise Interrupted(f'{label} stopped before its final evaluation; run the same command '
                           'again to resume it (finished pairs are skipped).')
@@ -273,7 +312,11 @@ def markdown(table: dict) -> str:
            f'{budget["peak_learning_rate"]}; base {budget["base"]}; evaluation on '
            f'{budget["max_eval_batches"]} validation batches. accuracy: of the answers '
            '(synthetic tasks) or of next bytes (code); loss: validation nats per token; '
-           'step memory: XLA memory analysis of the compiled train step, per device.', '',
+           'step memory: XLA memory analysis of the compiled train step, per device.' +
+           ''.join(f' {label}: {", ".join(f"`{b}`" for b in budget.get(key) or ())}.'
+                   for key, label in (('bindings', 'Bindings of every row'),
+                                      ('row_bindings', 'Bindings of the rows that use them'))
+                   if budget.get(key)), '',
            '| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
   lines += ['| ' + ' | '.join(_cell(row.get(c)) for c in COLUMNS) + ' |' for row in table['rows']]
   if table['failed']:
@@ -315,18 +358,23 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--warmup_steps', type=int, default=defaults.warmup_steps)
   parser.add_argument('--peak_learning_rate', type=float, default=defaults.peak_learning_rate)
   parser.add_argument('--code_length', type=int, default=defaults.code_length,
-                      help='sequence length of stdlib_code_lm (bytes)')
+                      help='sequence length of the code tasks (stdlib_code_lm, '
+                      'stdlib_code_streams; bytes)')
   parser.add_argument('--max_eval_batches', type=int, default=defaults.max_eval_batches)
   parser.add_argument('--base', default=defaults.base, help='base model gin of every row')
   parser.add_argument('--gin_bindings', action='append', default=[],
                       help='applied to every run, e.g. "TransformerConfig.num_decoder_layers = 4"')
+  parser.add_argument('--row_gin_bindings', action='append', default=[],
+                      help='macro bindings applied to the rows whose gin files define or use the '
+                      'macro, e.g. "BLOCK_SIZE = 128" (the Block-Recurrent rows)')
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   budget = Budget(args.steps, args.batch_size, args.warmup_steps, args.peak_learning_rate,
-                  args.code_length, args.max_eval_batches, args.base, tuple(args.gin_bindings))
+                  args.code_length, args.max_eval_batches, args.base, tuple(args.gin_bindings),
+                  tuple(args.row_gin_bindings))
   try:
     table = compare(args.output_dir, architectures.select(args.architectures),
                     [TASKS[t] for t in args.tasks], budget)

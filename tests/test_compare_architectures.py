@@ -26,11 +26,15 @@ def _binding(argv, name):
   return value
 
 
+def _last_binding(argv, name):  # gin: the last binding of a name wins
+  return [a.split(' = ', 1)[1] for a in argv if a.startswith(f'--gin_bindings={name} = ')][-1]
+
+
 class FakeRun:
   """Writes a finished run's files: train windows of 100, 200, 300 tokens/s; eval loss by
   architecture. `interrupt` names pairs that stop before their final evaluation."""
 
-  LOSS = {'dense': 1.5, 'mqa': 2.0}
+  LOSS = {'dense': 1.5, 'mqa': 2.0, 'block_recurrent': 1.0}
 
   def __init__(self, interrupt=()):
     self.calls, self.interrupt = [], set(interrupt)
@@ -121,6 +125,72 @@ def test_run_arguments_name_the_run_gin_and_budget(tmp_path):
                       '--gin_file=runs/compare_architectures.gin']
   assert _binding(argv, 'TRAIN_STEPS') == '3' and _binding(argv, 'BATCH_SIZE') == '8'
   assert shlex.split(shlex.join(argv)) == argv  # the printed command is the one that runs
+
+
+def test_streams_task_gives_every_row_the_same_streamed_code_and_carries_state(tmp_path):
+  """stdlib_code_streams: every row reads stdlib_code_lm as document streams (unshuffled,
+  unpacked), --code_length long; the Block-Recurrent row, which starts fresh on the other tasks,
+  carries its state here. Scored in bits per byte of the code corpus."""
+  streams = compare.TASKS['stdlib_code_streams']
+  budget = compare.Budget(steps=3, batch_size=8, warmup_steps=1, max_eval_batches=1,
+                          code_length=128, bindings=_TINY, row_bindings=('BLOCK_SIZE = 32',))
+  run = _Recording()
+  table = compare.compare(tmp_path, architectures.select(['block_recurrent']), [streams],
+                          budget, run)
+  assert [c[0] for c in run.calls] == ['stdlib_code_lm'] * 2
+  for argv in run.argvs:
+    assert _binding(argv, 'DOCUMENT_STREAMS') == 'True'
+    assert _binding(argv, 'SHUFFLE_TRAIN_EXAMPLES') == 'False'
+    assert _binding(argv, 'PACK') == 'False'
+    assert _binding(argv, 'TASK_FEATURE_LENGTHS') == "{'targets': 128}"
+  # Macros only where a gin file reads them (the trainer refuses the others).
+  dense_argv, brt_argv = run.argvs
+  assert not any('CARRY_STATE' in a or 'BLOCK_SIZE' in a for a in dense_argv)
+  assert _last_binding(brt_argv, 'CARRY_STATE') == 'True'
+  assert _last_binding(brt_argv, 'BLOCK_SIZE') == '32'
+  assert '`BLOCK_SIZE = 32`' in (tmp_path / 'comparison.md').read_text()
+  dense, brt = table['rows']
+  assert (dense['task'], brt['task']) == ('stdlib_code_streams',) * 2
+  assert pathlib.Path(brt['model_dir']) == tmp_path / 'stdlib_code_streams' / 'block_recurrent'
+  assert dense['train_tokens'] == 3 * 8 * 128
+  validation = table['corpus']['validation']
+  assert brt['bits_per_byte'] == pytest.approx(
+      1.0 * validation['tokens'] / validation['bytes'] / math.log(2), rel=1e-12)
+  # The same row on a task without streams starts every row fresh (its own binding).
+  recall = _Recording()
+  compare.compare(tmp_path / 'recall', architectures.select(['block_recurrent']), _TASKS[:1],
+                  _BUDGET, recall)
+  assert _last_binding(recall.argvs[1], 'CARRY_STATE') == 'False'
+  assert not any('DOCUMENT_STREAMS' in a for a in recall.argvs[1])
+
+
+def test_streams_bindings_reach_the_model_and_the_data(tmp_path):
+  """The gin the trainer parses: carry_state on for the streams task only, and the training
+  data's DatasetConfig streaming, unshuffled and unpacked."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from efficientlm.data.config import DatasetConfig  # pylint: disable=g-import-not-at-top
+  budget = compare.Budget(steps=3, batch_size=8, warmup_steps=1, code_length=128)
+  for task, carry in ((compare.TASKS['stdlib_code_streams'], True),
+                      (compare.TASKS['stdlib_code_lm'], False)):
+    row = architectures.resolve(
+        architectures.select(['block_recurrent']), bindings=compare.task_bindings(task, budget),
+        run_gins=(compare.RUN_GIN,), parse_only=[f"MODEL_DIR = '{tmp_path}'"],
+        row_bindings=task.row_bindings)[1]
+    model = architectures.build_model(row.gin_files, [*row.bindings, f"MODEL_DIR = '{tmp_path}'"])
+    assert model.module.config.carry_state is carry
+    with gin.config_scope('train'):
+      data = gin.get_configurable(DatasetConfig)()
+    assert (data.document_streams, data.shuffle, data.pack) == (carry, not carry, False)
+
+
+class _Recording(FakeRun):
+  def __init__(self):
+    super().__init__()
+    self.argvs = []
+
+  def __call__(self, argv):
+    self.argvs.append(list(argv))
+    return super().__call__(argv)
 
 
 @pytest.mark.slow  # a real training run of 3 steps, in process (the baseline row)
