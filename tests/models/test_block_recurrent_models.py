@@ -26,12 +26,11 @@ def _tokens(seed, batch, length, vocab=64):
   return jnp.asarray(np.random.default_rng(seed).integers(2, vocab, (batch, length)), jnp.int32)
 
 
-@pytest.mark.parametrize('scan', [False, True])
-def test_segments_with_carried_state_equal_one_long_pass(scan):
+def test_segments_with_carried_state_equal_one_long_pass():
   """Every layer is a block layer (no absolute positions anywhere), so a row cut into segments,
   each starting from the state and window the previous one left, gives the logits of the whole
-  row in one call; a zeroed (reset) state gives the logits of the segment alone."""
-  model = helpers.decoder_model(**BRT, carry_state=True, scan_layers=scan)
+  row in one call (scanned layers: the state carries a layer axis); a zeroed (reset) state gives the logits of the segment alone."""
+  model = helpers.decoder_model(**BRT, carry_state=True, scan_layers=True)
   toks = _tokens(0, 2, 5 * W)
   params = helpers.init_params(model, {'decoder_input_tokens': toks[:, :2 * W]})
   whole = model.module.apply({'params': params}, toks)
@@ -50,13 +49,11 @@ def test_segments_with_carried_state_equal_one_long_pass(scan):
   assert np.abs(np.asarray(logits[1] - alone[1])).max() > 1e-3  # row 1 kept its past
 
 
-@pytest.mark.parametrize('mixers', [('block_window', 'block_recurrent'),
-                                    ('block_recurrent', 'attention')])
-def test_greedy_decoding_equals_argmax_of_full_forward_passes(mixers):
+def test_greedy_decoding_equals_argmax_of_full_forward_passes():
   """model.predict (prefill of right-padded prompts, then one token per step through blocks'
-  boundaries) chooses what a full forward pass over each prefix chooses; the pure block model has
-  no KV cache, the hybrid's dense layer keeps one."""
-  model = helpers.decoder_model(**dict(BRT, token_mixers=mixers))
+  boundaries) chooses what a full forward pass over each prefix chooses; a model of block layers
+  only has no KV cache (the layers' windows and states are its whole cache)."""
+  model = helpers.decoder_model(**BRT)
   params = helpers.init_params(model, {'decoder_input_tokens': _tokens(0, 1, 2 * W)})
   prompts = jnp.array([[5, 6, 7, 8, 9], [10, 11, 0, 0, 0]])
   out = model.predict(params, prompts, decoding.DecodeOptions(max_decode_length=7, eos_id=-1))
