@@ -61,11 +61,11 @@ from efficientlm.errors import ConfigError
 from efficientlm.kernels.flash_attention import RelativeBias
 from efficientlm.layers import masks
 from efficientlm.layers.attention import AttentionMask, padding_segment_ids
-from efficientlm.layers.dense import DenseGeneral, Embed
+from efficientlm.layers.dense import Embed
 from efficientlm.layers.position import RelativePositionBias
 from efficientlm.models.config import TransformerConfig
 from efficientlm.models.model import DecoderOnlyModel
-from efficientlm.models.stacks import embed, token_embedder, with_structure
+from efficientlm.models.stacks import embed, output_logits, token_embedder, with_structure
 from efficientlm.models.transformer import (DecoderLayer, attention, feed_forward, hidden,
                                             initial_carry, layer_pattern, norm, residual_dropout,
                                             stack_layers)
@@ -245,7 +245,7 @@ class PerceiverArDecoder(nn.Module):
       z = LatentStack(cfg, deterministic, name='latent_layers')(z, mask, bias, z_positions)
     if decode is not None:
       z = z[:, -1:]  # decoding reads the newest position only
-    logits = self._logits(z, deterministic)
+    logits = output_logits(cfg, self.shared_embedding, z, deterministic)
     if decode in ('init', 'prefill'):
       lengths = jnp.sum(_valid(tokens, targets), axis=1)
       logits = jnp.zeros(tokens.shape + logits.shape[-1:], logits.dtype).at[
@@ -302,18 +302,6 @@ class PerceiverArDecoder(nn.Module):
     window = positions - n + 1 + jnp.arange(n, dtype=jnp.int32)[None]
     z = first(x, x, mask, bias, positions, positions, window_slots=window)
     return z, window, window >= 0
-
-  def _logits(self, z, deterministic):
-    cfg = self.config
-    z = norm(cfg, 'decoder_norm')(z)
-    z = partitioning.constrain(residual_dropout(cfg, z, deterministic), _HIDDEN)
-    if cfg.logits_via_embedding:
-      logits = self.shared_embedding.attend(z)
-      if cfg.scale_tied_logits:
-        logits = logits * jnp.asarray(cfg.emb_dim**-0.5, logits.dtype)
-      return logits
-    return DenseGeneral(cfg.vocab_size, ('embed', 'vocab'), dtype=cfg.activation_dtype,
-                        param_dtype=cfg.weight_dtype, name='logits_dense')(z)
 
 
 def _valid(tokens, targets):

@@ -207,16 +207,23 @@ class Decoder(nn.Module):
       x = hidden(stack_layers(DecoderLayer, kinds, cfg, initial_carry(cfg, x), args,
                               deterministic=deterministic, cross_attention=self.cross_attention,
                               decode=decode))
-    x = norm(cfg, 'decoder_norm')(x)
-    x = partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
-    if cfg.logits_via_embedding:
-      logits = self.shared_embedding.attend(x)
-      if cfg.scale_tied_logits:
-        logits = logits * jnp.asarray(cfg.emb_dim**-0.5, logits.dtype)
-    else:
-      logits = DenseGeneral(cfg.vocab_size, ('embed', 'vocab'), dtype=cfg.activation_dtype,
-                            param_dtype=cfg.weight_dtype, name='logits_dense')(x)
-    return partitioning.constrain(logits, ('batch', 'length', 'vocab'))
+    return output_logits(cfg, self.shared_embedding, x, deterministic)
+
+
+def output_logits(cfg: TransformerConfig, shared_embedding: Embed, x: jax.Array,
+                  deterministic: bool) -> jax.Array:
+  """A decoder's head, in the calling module's scope: the final norm ('decoder_norm'), then the
+  tied embedding (scaled by emb_dim**-0.5 where configured) or 'logits_dense'."""
+  x = norm(cfg, 'decoder_norm')(x)
+  x = partitioning.constrain(residual_dropout(cfg, x, deterministic), _HIDDEN)
+  if cfg.logits_via_embedding:
+    logits = shared_embedding.attend(x)
+    if cfg.scale_tied_logits:
+      logits = logits * jnp.asarray(cfg.emb_dim**-0.5, logits.dtype)
+  else:
+    logits = DenseGeneral(cfg.vocab_size, ('embed', 'vocab'), dtype=cfg.activation_dtype,
+                          param_dtype=cfg.weight_dtype, name='logits_dense')(x)
+  return partitioning.constrain(logits, ('batch', 'length', 'vocab'))
 
 
 def token_embedder(cfg: TransformerConfig) -> Embed:
