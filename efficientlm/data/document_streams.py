@@ -26,7 +26,6 @@ from __future__ import annotations
 from efficientlm.data.tensorflow_cpu import tf  # first: TF quietly, with GPUs hidden
 import seqio
 
-from efficientlm.data import feature_converters
 from efficientlm.data.config import DatasetConfig
 from efficientlm.errors import ConfigError
 from efficientlm.models.model import STREAM_RESET_FEATURE as RESET_FEATURE
@@ -50,14 +49,11 @@ def check_config(cfg: DatasetConfig, feature_converter: str) -> None:
 
 
 def _stream(cfg: DatasetConfig, index: int, num_streams: int, split: str,
-            num_epochs: int | None, eos_id: int) -> tf.data.Dataset:
-  """Stream `index`: its documents' segments in order, as decoder features plus the reset."""
-  provider = seqio.get_mixture_or_task(cfg.mixture_or_task_name)
-  ds = provider.get_dataset(cfg.task_feature_lengths, split=split, use_cached=cfg.use_cached,
-                            shuffle=False, seed=cfg.seed, num_epochs=num_epochs,
-                            shard_info=seqio.ShardInfo(index, num_streams),
-                            try_in_mem_cache=False)
-  ds = feature_converters.convert(ds, 'decoder', cfg.task_feature_lengths, pack=False)
+            num_epochs: int | None, eos_id: int, model_features) -> tf.data.Dataset:
+  """Stream `index`: its documents' segments in order, as decoder features plus the reset.
+  `model_features`: pipeline._model_features (the task's dataset through the converter)."""
+  ds = model_features(cfg, 'decoder', split, shuffle=False, num_epochs=num_epochs,
+                      shard_info=seqio.ShardInfo(index, num_streams))
 
   def link(previous, features):
     """previous: (this row's last target so far, whether its document ended)."""
@@ -76,13 +72,14 @@ def _stream(cfg: DatasetConfig, index: int, num_streams: int, split: str,
 
 
 def get_iterator_dataset(cfg: DatasetConfig, shard_index: int, num_shards: int, rows: int,
-                         split: str | None = None,
+                         model_features, split: str | None = None,
                          num_epochs: int | None = None) -> tf.data.Dataset:
-  """This process's rows (global rows shard_index * rows ...) of every batch, as one dataset."""
+  """This process's rows (global rows shard_index * rows ...) of every batch, as one dataset;
+  `model_features` as for _stream."""
   provider = seqio.get_mixture_or_task(cfg.mixture_or_task_name)
   vocabulary = provider.output_features['targets'].vocabulary
   first = shard_index * rows
   streams = tuple(_stream(cfg, first + j, rows * num_shards, split or cfg.split, num_epochs,
-                          vocabulary.eos_id) for j in range(rows))
+                          vocabulary.eos_id, model_features) for j in range(rows))
   return tf.data.Dataset.zip(streams).map(
       lambda *rows_: {k: tf.stack([r[k] for r in rows_]) for k in rows_[0]})

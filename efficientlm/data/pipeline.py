@@ -32,7 +32,7 @@ def get_iterator(cfg: DatasetConfig, feature_converter: str, shard_index: int = 
   if cfg.document_streams:
     document_streams.check_config(cfg, feature_converter)
     ds = document_streams.get_iterator_dataset(cfg, shard_index, num_shards, rows,
-                                               num_epochs=num_epochs)
+                                               _model_features, num_epochs=num_epochs)
     return DataIterator(ds.prefetch(tf.data.AUTOTUNE), process_index=shard_index)
   ds = _model_features(cfg, feature_converter, cfg.split, shuffle=cfg.shuffle,
                        num_epochs=num_epochs, shard_info=seqio.ShardInfo(shard_index, num_shards))
