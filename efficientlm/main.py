@@ -9,7 +9,9 @@ train -> efficientlm.training.trainer.train, eval -> efficientlm.training.evalua
 upcycle -> efficientlm.checkpoints.upcycle.upcycle (a dense checkpoint -> MODEL_DIR's first MoE
 checkpoint; then --run_mode=train continues it), infer -> efficientlm.inference.infer.infer
 (prompts in, MODEL_DIR/predictions.jsonl out), sweep -> efficientlm.inference.sweep.sweep
-(inference layout sweeps: MODEL_DIR/sweep.csv, sweep.json, best_layouts.csv, plots/).
+(inference layout sweeps: MODEL_DIR/sweep.csv, sweep.json, best_layouts.csv, plots/),
+prune -> efficientlm.compression.prune.prune (one-shot SparseGPT or magnitude pruning of a
+checkpoint into MODEL_DIR's first checkpoint, plus MODEL_DIR/prune_report.json).
 Multi-host: --distributed on every host of a TPU slice (see efficientlm.distributed), or an
 explicit --coordinator_address/--num_processes/--process_id; each process reads its own data
 shard, process 0 writes logs and metrics, all processes write their checkpoint shards.
@@ -19,8 +21,9 @@ only once the run's checkpoints have been accepted: a run stopped because MODEL_
 another configuration writes nothing there). The other run modes write <run_mode>_config.gin and
 <run_mode>_operative_config.gin, so that evaluating a training run in its own MODEL_DIR keeps the
 training's configs.
-The run modes that write checkpoints or resumable output (train, upcycle, infer) hold MODEL_DIR's
-run lock (efficientlm.training.run_lock): a second run on the same MODEL_DIR stops at once.
+The run modes that write checkpoints or resumable output (train, upcycle, infer, prune) hold
+MODEL_DIR's run lock (efficientlm.training.run_lock): a second run on the same MODEL_DIR stops at
+once.
 An error a user can act on (efficientlm.errors.RunError) ends the run with its message alone and
 exit status 1.
 """
@@ -45,8 +48,9 @@ RUN_MODES = {
     'upcycle': 'efficientlm.checkpoints.upcycle:upcycle',
     'infer': 'efficientlm.inference.infer:infer',
     'sweep': 'efficientlm.inference.sweep:sweep',
+    'prune': 'efficientlm.compression.prune:prune',
 }
-LOCKED_RUN_MODES = ('train', 'upcycle', 'infer')
+LOCKED_RUN_MODES = ('train', 'upcycle', 'infer', 'prune')
 # The trainer writes config.gin and operative_config.gin itself, once it has accepted MODEL_DIR.
 WRITES_OWN_CONFIG = ('train',)
 

@@ -1,0 +1,1 @@
+"""Model compression after training: one-shot pruning (SparseGPT and the magnitude baseline)."""
