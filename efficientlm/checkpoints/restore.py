@@ -244,14 +244,14 @@ def restore(source: Source, abstract_params, options: RestoreOptions = RestoreOp
 
 
 def partitioned_initializer(partitioner, init_params, rng: jax.Array) -> Initializer:
-  """Initializes only the named parameters, sharded (the others are dead code to XLA)."""
+  """Initializes only the named parameters, sharded (the others are dead code to XLA). Nothing
+  is traced until it is called (most restores initialize nothing)."""
   from efficientlm import partitioning  # pylint: disable=g-import-not-at-top
-
-  _, shardings = partitioner.abstract_params(init_params, rng)
-  flat_shardings = flatten(shardings)
 
   def initialize(names: Sequence[str]) -> Mapping[str, jax.Array]:
     names = list(names)
+    _, shardings = partitioner.abstract_params(init_params, rng)
+    flat_shardings = flatten(shardings)
 
     def subset(key):
       flat = flatten(partitioning.unbox(init_params(key)))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientlm import partitioning
-from efficientlm.layers import initializers
+from efficientlm.layers import ia3, initializers
 from efficientlm.layers.dense import DenseGeneral
 from efficientlm.layers.position import apply_rotary
 
@@ -131,6 +131,10 @@ class MultiHeadAttention(nn.Module):
 
   `attention_implementation` (see kernels.attention): with an AttentionMask, the kernels get its
   structure; a 'step' whose mask carries `kv_lengths` runs the decode kernel under 'pallas'.
+
+  `ia3` (layers/ia3.py): keys and values are scaled by learned vectors `ia3_key_scale`,
+  `ia3_value_scale` [kv_heads * head_dim] right after their projections (before rotary
+  embeddings), so the KV cache holds the scaled ones.
   """
 
   num_heads: int
@@ -167,6 +171,7 @@ class MultiHeadAttention(nn.Module):
   # shared multiplicative layer and a convolution per projection (parameters under
   # 'sparse_qkv' instead of query/key/value). None: the dense projections.
   sparse_qkv: Any = None  # SparseQkvConfig | None
+  ia3: bool = False
   kernel_init: Callable[..., jax.Array] = initializers.attention_kernel_init
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -192,6 +197,8 @@ class MultiHeadAttention(nn.Module):
     if not self.scale_logits:
       query_init = initializers.scaled(self.kernel_init, self.head_dim**-0.5)
 
+    ia3_scales = self._ia3_scales(kv_heads, kv_axes[0]) if self.ia3 else None
+
     def project(name, x, heads, axes, init):
       kernel_axis, head_axis = axes
       y = DenseGeneral((heads, self.head_dim), ('embed', kernel_axis), kernel_init=init,
@@ -214,6 +221,9 @@ class MultiHeadAttention(nn.Module):
       else:
         key = project('key', inputs_kv, kv_heads, kv_axes, self.kernel_init)
         value = project('value', inputs_kv, kv_heads, kv_axes, self.kernel_init)
+      if ia3_scales is not None:
+        l_k, l_v = ia3_scales
+        key, value = key * l_k.astype(key.dtype), value * l_v.astype(value.dtype)
       if self.rotary:
         key = apply_rotary(key, kv_positions, self.rotary_max_wavelength)
       return key, value
@@ -247,6 +257,15 @@ class MultiHeadAttention(nn.Module):
                        param_dtype=self.param_dtype, name='out')(out)
     out = partitioning.constrain(out, ('batch', 'length', 'embed'))
     return out if self.evolving is None else (out, evolving_state)
+
+  def _ia3_scales(self, kv_heads: int, axis: str) -> tuple[jax.Array, jax.Array]:
+    """(l_k, l_v) shaped [kv_heads, head_dim] to scale keys and values [b, len, kv_heads, d]."""
+    if self.lsh is not None or self.sparse_qkv is not None:
+      raise ValueError('ia3 scales the outputs of the dense key and value projections; lsh and '
+                       'sparse_qkv attention have none: set TransformerConfig.ia3 = False.')
+    shape = (kv_heads * self.head_dim,)
+    return tuple(ia3.scale_vector(self, name, shape, (axis,)).reshape(kv_heads, self.head_dim)
+                 for name in (ia3.KEY_SCALE, ia3.VALUE_SCALE))
 
   def _sparse_projections(self, inputs, mask, positions, kv_heads):
     """(query, key or None for LSH, value) from layers.sparse_qkv; its convolution's decoding

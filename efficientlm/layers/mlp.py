@@ -1,4 +1,5 @@
-"""Feed-forward blocks: plain (wi, wo) or gated (wi_0, wi_1, ..., wo)."""
+"""Feed-forward blocks: plain (wi, wo) or gated (wi_0, wi_1, ..., wo); with `ia3`, the hidden
+activations (the gates' product, wo's input) are scaled by a learned vector (layers/ia3.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientlm import partitioning
-from efficientlm.layers import initializers
+from efficientlm.layers import ia3, initializers
 from efficientlm.layers.dense import DenseGeneral
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -38,6 +39,7 @@ class MlpBlock(nn.Module):
   activations: Sequence[str] = ('gelu', 'linear')
   kernel_init: Callable[..., jax.Array] = initializers.default_kernel_init
   intermediate_dropout_rate: float = 0.0
+  ia3: bool = False  # (IA)3's l_ff: parameter `ia3_scale` [intermediate_dim]
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -52,6 +54,9 @@ class MlpBlock(nn.Module):
       h = fn(DenseGeneral(self.intermediate_dim, ('embed', 'mlp'), kernel_init=self.kernel_init,
                           dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x))
       hidden = h if hidden is None else hidden * h
+    if self.ia3:
+      scale = ia3.scale_vector(self, ia3.FF_SCALE, (self.intermediate_dim,), ('mlp',))
+      hidden = hidden * scale.astype(hidden.dtype)
     hidden = partitioning.constrain(hidden, ('batch', 'length', 'mlp'))
     hidden = nn.Dropout(self.intermediate_dropout_rate, broadcast_dims=(-2,))(
         hidden, deterministic=deterministic)

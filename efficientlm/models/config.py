@@ -124,6 +124,10 @@ class TransformerConfig:
   # ... and self-attention projects Q/K/V through a multiplicative layer and convolutions
   # (layers/sparse_qkv.py). None: dense.
   sparse_qkv: SparseQkvConfig | None = None
+  # (IA)3 (Liu et al. 2022; layers/ia3.py): learned vectors, initialized to ones, rescale the keys
+  # and values of every attention and the hidden activations of every MLP and MoE expert. A run
+  # that trains only them: configs/runs/ia3_finetune.gin (README, Parameter-efficient fine-tuning).
+  ia3: bool = False
 
   def __post_init__(self):
     # gin passes lists; keep the dataclass hashable.
@@ -184,6 +188,8 @@ class TransformerConfig:
     checks += self._attention_free_checks()
     checks += self._block_recurrent_checks()
     checks += self._scaling_checks()
+    if self.ia3:
+      checks += self._ia3_checks()
     if self.residual == 'reversible':
       checks += self._reversible_checks()
     for name in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim'):
@@ -280,6 +286,20 @@ class TransformerConfig:
            f'odd SparseQkvConfig.length_kernel (got {qkv.length_kernel})'),
       ]
     return checks
+
+  def _ia3_checks(self) -> list[tuple[bool, str]]:
+    """(IA)3 scales what dense attention and MLP/MoE layers compute; other layers lack it."""
+    others = sorted(self.all_mixers - {'attention', 'bigbird'})
+    return [
+        (not others, f'ia3 scales the key and value projections of attention layers, which '
+         f'token_mixers {others} do not have (LSH shares queries and keys; the state space, '
+         'Fourier and block-recurrent mixers project no keys): set ia3 = False, or use '
+         "token_mixers ('attention',) or ('bigbird',)"),
+        (self.sparse_qkv is None, 'ia3 scales the outputs of dense key and value projections; '
+         'sparse_qkv replaces them: set sparse_qkv = None or ia3 = False'),
+        (self.sparse_ffn is None, 'ia3 scales every hidden unit of the dense feed-forward '
+         'layers; sparse_ffn computes only some of them: set sparse_ffn = None or ia3 = False'),
+    ]
 
   def _block_recurrent_checks(self) -> list[tuple[bool, str]]:
     """Block-recurrent layers: their config, causal stacks only, what carries state."""

@@ -56,7 +56,7 @@ def attention(cfg: TransformerConfig, name: str, self_attention: bool,
       rotary=self_attention and cfg.position_embedding == 'rotary',
       rotary_max_wavelength=cfg.rotary_max_wavelength,
       float32_logits=cfg.float32_attention_logits, decode=decode,
-      attention_implementation=cfg.attention_implementation,
+      attention_implementation=cfg.attention_implementation, ia3=cfg.ia3,
       cross_attention=not self_attention, dtype=cfg.activation_dtype,
       param_dtype=cfg.weight_dtype, name=name)
 
@@ -69,13 +69,13 @@ def feed_forward(cfg: TransformerConfig, sparse: bool, causal: bool,
   if sparse:
     return MoeLayer(cfg.moe, cfg.moe.expert_mlp_dim or cfg.mlp_dim, cfg.mlp_activations,
                     causal=causal, dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype,
-                    name='mlp')
+                    ia3=cfg.ia3, name='mlp')
   if cfg.sparse_ffn is not None:
     return SparseMlpBlock(cfg.mlp_dim, cfg.sparse_ffn, cfg.mlp_activations,
                           intermediate_dropout_rate=cfg.dropout_rate, decode=decode == 'step',
                           dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype, name='mlp')
   return MlpBlock(cfg.mlp_dim, cfg.mlp_activations, intermediate_dropout_rate=cfg.dropout_rate,
-                  dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype, name='mlp')
+                  ia3=cfg.ia3, dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype, name='mlp')
 
 
 @dataclasses.dataclass(frozen=True)

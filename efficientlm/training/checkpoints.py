@@ -4,7 +4,8 @@ A checkpoint `MODEL_DIR/checkpoints/<step>/` holds the items `params` and `opt_s
 arrays, restorable onto any mesh), `dataset` (each process's input-pipeline position, with the
 sha256 of its files) and `meta`: a sealed JSON record (integrity.seal) of what kind of checkpoint
 it is ('training': every item above; 'parameters': written by upcycling or conversion, `params`
-only), the items it holds, and the shape, dtype and content checksum of every array.
+only), the items it holds, and the shape, dtype and content checksum of every array (and, for an
+(IA)3 run, which holds only its vectors, the base checkpoint: training/parameter_efficient.py).
 
 What a restore does with each kind of failure (`restore_latest`):
 - The checkpoint does not fit the configured model (shapes, dtypes, parameter names): a
@@ -231,6 +232,7 @@ class Restored:
   params: Any
   opt_state: Any | None
   recurrent: Any | None = None
+  meta: dict[str, Any] | None = None  # the checkpoint's meta record (e.g. an (IA)3 run's base)
 
 
 class Checkpointer:
@@ -386,7 +388,8 @@ class Checkpointer:
     if kind == 'parameters':
       log(f'Checkpoint {step_dir} has parameters only (upcycled or converted): the optimizer '
           'state starts fresh and the data from the beginning.')
-    return Restored(step, arrays['params'], arrays.get('opt_state'), arrays.get('recurrent'))
+    return Restored(step, arrays['params'], arrays.get('opt_state'), arrays.get('recurrent'),
+                    meta)
 
   def _read(self, step_dir, fn: Callable[[], Any]):
     """fn() with retries on storage errors; other errors mean the checkpoint is damaged. With

@@ -64,6 +64,21 @@ def warmup_cosine_schedule(peak_learning_rate: float, warmup_steps: int, total_s
                                             peak_learning_rate * final_fraction)
 
 
+def warmup_linear_decay_schedule(peak_learning_rate: float, warmup_steps: int,
+                                 total_steps: int) -> Schedule:
+  """Linear warmup from 0 to the peak, then linear decay to 0 at `total_steps` (T-Few's schedule,
+  Liu et al. 2022: 60 warmup steps of 1000)."""
+  if not 0 <= warmup_steps < total_steps:
+    warmup = _knob(warmup_linear_decay_schedule, 'warmup_steps', warmup_steps)
+    total = _knob(warmup_linear_decay_schedule, 'total_steps', total_steps)
+    raise ConfigError(f'warmup_linear_decay_schedule needs 0 <= warmup_steps < total_steps, but '
+                      f'{warmup} = {warmup_steps} and {total} = {total_steps}: raise {total} or '
+                      f'lower {warmup}.')
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak_learning_rate, warmup_steps),
+       optax.linear_schedule(peak_learning_rate, 0.0, total_steps - warmup_steps)], [warmup_steps])
+
+
 def adafactor(learning_rate: Schedule = rsqrt_schedule(),
               decay_rate: float = 0.8,
               clipping_threshold: float | None = 1.0,

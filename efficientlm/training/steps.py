@@ -1,4 +1,10 @@
-"""The train and eval steps: pure functions of (state, batch), jitted by the trainer."""
+"""The train and eval steps: pure functions of (state, batch), jitted by the trainer.
+
+A parameter-efficient run (training/parameter_efficient.py) trains only `state.params`, a part
+of the model's parameters; the step then also takes the frozen rest, which it reads and never
+returns (the trainer neither donates nor checkpoints it), and differentiates the loss with respect
+to the trained part only.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from efficientlm import partitioning
 from efficientlm.models import losses
 from efficientlm.models.model import STREAM_RESET_FEATURE, BaseModel
 from efficientlm.training.optimizers import Optimizer
+from efficientlm.training.parameter_efficient import combine
 
 # Named RNG streams, folded with the step so a resumed run draws what an uninterrupted one would.
 DROPOUT_STREAM = 1
@@ -47,52 +54,55 @@ def split_microbatches(batch: dict[str, jax.Array], num_microbatches: int) -> di
 
 def make_train_step(model: BaseModel, optimizer: Optimizer, num_microbatches: int = 1,
                     seed: int = 0):
-  """step(state, batch) -> (state, metrics). Gradients of the summed loss are accumulated over
-  microbatches and divided once by the whole batch's normalizer: equal to the full-batch step."""
+  """step(state, batch, frozen=None) -> (state, metrics). Gradients of the summed loss are
+  accumulated over microbatches and divided once by the whole batch's normalizer: equal to the
+  full-batch step. `frozen`: the parameters that do not train (see the module docstring)."""
   if num_microbatches < 1:
     raise ValueError(f'num_microbatches must be >= 1, got {num_microbatches}.')
   base_key = jax.random.key(seed)
 
-  def sums_and_grads(params, batch, rng):
+  def sums_and_grads(params, frozen, batch, rng):
     def summed_loss(p):
-      sums = model.loss_sums(p, batch, rng)
+      sums = model.loss_sums(combine(p, frozen), batch, rng)
       return sums['loss'], sums
 
     (_, sums), grads = jax.value_and_grad(summed_loss, has_aux=True)(params)
     return sums, grads
 
-  def stateful_sums_and_grads(params, batch, rng, recurrent):
+  def stateful_sums_and_grads(params, frozen, batch, rng, recurrent):
     """Truncated backprop through time: the carried state enters as a constant (the layers
     stop its gradient), the state after this batch leaves for the next step."""
     recurrent = model.reset_recurrent(recurrent, batch[STREAM_RESET_FEATURE])
 
     def summed_loss(p):
-      sums, new_state = model.loss_sums_with_state(p, batch, rng, recurrent)
+      sums, new_state = model.loss_sums_with_state(combine(p, frozen), batch, rng, recurrent)
       return sums['loss'], (sums, new_state)
 
     (_, (sums, new_state)), grads = jax.value_and_grad(summed_loss, has_aux=True)(params)
     return sums, grads, new_state
 
-  def step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+  def step(state: TrainState, batch, frozen=None) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(jax.random.fold_in(base_key, DROPOUT_STREAM), state.step)
     recurrent = state.recurrent
     if recurrent is not None:
       if num_microbatches != 1:  # each row's state must see its segments in order, whole
         raise ValueError('A model that carries state across steps trains on whole batches: set '
                          f'num_microbatches = 1 (got {num_microbatches}).')
-      sums, grads, recurrent = stateful_sums_and_grads(state.params, batch, rng, recurrent)
+      sums, grads, recurrent = stateful_sums_and_grads(state.params, frozen, batch, rng,
+                                                       recurrent)
     elif num_microbatches == 1:
-      sums, grads = sums_and_grads(state.params, batch, rng)
+      sums, grads = sums_and_grads(state.params, frozen, batch, rng)
     else:
       microbatches = split_microbatches(batch, num_microbatches)
 
       def accumulate(carry, xs):
         microbatch, index = xs
-        sums, grads = sums_and_grads(state.params, microbatch, jax.random.fold_in(rng, index))
+        sums, grads = sums_and_grads(state.params, frozen, microbatch,
+                                     jax.random.fold_in(rng, index))
         return jax.tree.map(jnp.add, carry, (sums, grads)), None
 
       zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          sums_and_grads, state.params, jax.tree.map(lambda x: x[0], microbatches), rng))
+          sums_and_grads, state.params, frozen, jax.tree.map(lambda x: x[0], microbatches), rng))
       (sums, grads), _ = jax.lax.scan(accumulate, zeros,
                                       (microbatches, jnp.arange(num_microbatches)))
     loss, metrics = model.normalize(sums)

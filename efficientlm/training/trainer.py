@@ -31,6 +31,7 @@ from efficientlm.training.data_source import (DataSource, global_batch_spec, mak
 from efficientlm.training.evaluation import evaluate_params
 from efficientlm.training import metrics as metrics_lib
 from efficientlm.training.optimizers import Optimizer
+from efficientlm.training.parameter_efficient import META_KEY, FrozenBase, combine, count
 from efficientlm.training.preemption import PreemptionWatcher
 from efficientlm.training.steps import TrainState, make_eval_step, make_train_step
 
@@ -53,10 +54,12 @@ class Hook:
 
 
 def abstract_state(model: BaseModel, optimizer: Optimizer, partitioner: partitioning.Partitioner,
-                   batch_spec) -> tuple[TrainState, Any, Callable]:
-  """(abstract TrainState carrying shardings, its shardings, params init fn). Nothing allocated."""
+                   batch_spec, params=None) -> tuple[TrainState, Any, Callable]:
+  """(abstract TrainState carrying shardings, its shardings, params init fn). Nothing allocated.
+  `params`: the abstract parameters that train (default: all of the model's)."""
   init_params = model.param_initializer(batch_spec)
-  params, _ = partitioner.abstract_params(init_params, jax.random.key(0))
+  if params is None:
+    params, _ = partitioner.abstract_params(init_params, jax.random.key(0))
   with partitioner.context():
     opt_init = jax.jit(optimizer.tx.init).lower(params).compile()
   opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -135,6 +138,7 @@ def train(*,
           max_eval_batches: int | None = None,
           restore_path: str | None = None,
           restore_options: RestoreOptions | None = None,
+          base_checkpoint: str | None = None,
           profile_steps: tuple[int, int] | None = None) -> dict[str, float]:
   """Trains `model` for `total_steps` and returns the last logged and eval metrics.
 
@@ -145,6 +149,10 @@ def train(*,
   `restore_options` maps names, falls back to scratch, see efficientlm.checkpoints.restore) or
   from scratch. A parameters-only checkpoint in `model_dir` (written by upcycling) gets a fresh
   optimizer state.
+
+  A model with (IA)3 vectors (TransformerConfig.ia3) trains only them, on the frozen parameters
+  of `base_checkpoint` (any format; on resume, the base the checkpoints recorded), and checkpoints
+  only them (training/parameter_efficient.py).
   """
   if total_steps <= 0:
     raise ValueError(f'total_steps must be positive, got {total_steps}.')
@@ -176,13 +184,19 @@ def train(*,
     # --- state: abstract, then restored or initialized -----------------------------------------
     # Nothing is written to MODEL_DIR before the restore has accepted its checkpoints.
     with metrics_lib.phase('tracing the model and optimizer state'):
+      # A parameter-efficient run trains a part of the parameters; the frozen rest is read from
+      # its base checkpoint below, and stays out of the state (never updated nor checkpointed).
+      frozen_base = FrozenBase.for_run(model, base_checkpoint, restore_path)
+      trainable = abstract_frozen = None
+      if frozen_base is not None:
+        trainable, abstract_frozen = frozen_base.split_abstract(model, partitioner, batch_spec)
       abstract, state_shardings, init_params = abstract_state(model, optimizer, partitioner,
-                                                              batch_spec)
+                                                              batch_spec, trainable)
       if model.carries_state:
         abstract = abstract.replace(recurrent=abstract_recurrent(
             model, partitioner, batch_spec, model.module.config.scan_layers))
         state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    num_params = count(combine(abstract.params, abstract_frozen))
     checkpointer = ckpt_lib.Checkpointer(model_dir / 'checkpoints', keep_checkpoints,
                                          keep_checkpoints_every, async_checkpointing)
     cleanup.callback(checkpointer.close)
@@ -209,10 +223,24 @@ def train(*,
                                       initializer)
         opt_state = _fresh_opt_state(optimizer, partitioner, params, abstract)
       log(f'initialized parameters from {restore_path} (step {step})')
+    elif frozen_base is not None:
+      start = 0
+      params = frozen_base.init_trainable(abstract.params)
+      opt_state = _fresh_opt_state(optimizer, partitioner, params, abstract)
     else:
       start = 0
       with metrics_lib.phase(f'initializing {num_params / 1e6:.2f}M parameters'):
         params, opt_state = _fresh_state(optimizer, partitioner, init_params, abstract, seed)
+    frozen, meta = None, None
+    if frozen_base is not None:  # the rest of the parameters: the base checkpoint's, frozen
+      with metrics_lib.phase('reading the frozen base parameters'):
+        frozen = frozen_base.load(abstract_frozen, _recorded_base(restored), str(model_dir),
+                                  restore_options, partitioned_initializer(
+                                      partitioner, init_params, jax.random.key(seed)))
+      meta = frozen_base.meta
+      trained = count(abstract.params)
+      log(f'(IA)3: training {trained:,} of {num_params:,} parameters '
+          f'({100 * trained / num_params:.4f}%); the base is frozen')
     recurrent = None
     if abstract.recurrent is not None:  # resumed streams continue their state
       recurrent = (restored.recurrent if restored is not None and restored.recurrent is not None
@@ -234,18 +262,22 @@ def train(*,
 
     # --- step functions ---------------------------------------------------------------------------
     batch_shardings = {k: partitioner.batch_sharding(len(v.shape)) for k, v in batch_spec.items()}
+    # The frozen parameters, if any, are the step's third argument: read, never donated.
+    frozen_args = () if frozen is None else (frozen,)
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen_args)
     with partitioner.context():
       train_step = jax.jit(make_train_step(model, optimizer, num_microbatches, seed),
-                           in_shardings=(state_shardings, batch_shardings),
+                           in_shardings=(state_shardings, batch_shardings, *frozen_shardings),
                            out_shardings=(state_shardings, None), donate_argnums=(0,))
-      eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, None))
+      eval_step = jax.jit(make_eval_step(model), in_shardings=(
+          combine(state_shardings.params, *frozen_shardings), None))
       params_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
           [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
       if start < total_steps:  # ahead of the first step, so that the wait is named and timed
         with metrics_lib.phase('compiling the train step'):
           train_step = train_step.lower(abstract, {
               k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
-              for k, v in batch_spec.items()}).compile()
+              for k, v in batch_spec.items()}, *frozen_args).compile()
     if stopped_in_startup('compilation'):
       return results
 
@@ -294,12 +326,12 @@ def train(*,
       check_params_finite(step)
       check_lock()
       checkpointer.save(step, state.params, state.opt_state, iterator,
-                        wait=not async_checkpointing, recurrent=state.recurrent)
+                        wait=not async_checkpointing, meta=meta, recurrent=state.recurrent)
 
     def run_eval(step):
       if eval_dataset is None:
         return
-      scores = evaluate_params(state.params, eval_step, partitioner,
+      scores = evaluate_params(combine(state.params, frozen), eval_step, partitioner,
                                make_eval_iterators(eval_dataset, model.feature_converter),
                                max_eval_batches)
       eval_writer.write(step, scores, metrics_lib.eval_lines(step, scores))
@@ -316,7 +348,7 @@ def train(*,
       local = next(iterator)
       if step == start and stopped_in_startup('first batch'):
         return results
-      state, metrics = train_step(state, partitioner.shard_batch(local))
+      state, metrics = train_step(state, partitioner.shard_batch(local), *frozen_args)
       if latest['metrics'] is not None:  # check the previous step while this one runs
         check_finite(step, latest['metrics'])
       step += 1
@@ -326,7 +358,7 @@ def train(*,
         check_finite(step, metrics)
         check_params_finite(step)
         check_lock()
-        checkpointer.save(step, state.params, state.opt_state, iterator, wait=True,
+        checkpointer.save(step, state.params, state.opt_state, iterator, wait=True, meta=meta,
                           recurrent=state.recurrent)
         log(f'{preemption.signal_name}: saved checkpoint {step} and stopped; run the same command '
             'again to resume from it.')
@@ -338,6 +370,12 @@ def train(*,
       run_eval(step)
     checkpointer.finish()
     return results
+
+
+def _recorded_base(restored: ckpt_lib.Restored | None) -> dict[str, Any] | None:
+  """The base checkpoint a restored (IA)3 run's checkpoint names."""
+  meta = (restored.meta or {}) if restored is not None else {}
+  return (meta.get(META_KEY) or {}).get('base_checkpoint')
 
 
 def _write_gin_config(model_dir: epath.Path, name: str, render: Callable[[], str]) -> None:

@@ -11,7 +11,9 @@ combine. Two dispatch implementations:
 
 Parameter names follow T5X/flaxformer: mlp/router/router_weights/w/kernel [d, E] and
 mlp/expert/{wi_0, wi_1, wo}/kernel with a leading expert axis. Router losses and statistics are
-sown into the 'moe' collection (see efficientlm.models.moe_losses).
+sown into the 'moe' collection (see efficientlm.models.moe_losses). With `ia3`, each expert's
+hidden activations are scaled by its own learned vector, mlp/expert/ia3_scale [E, expert_mlp]
+(layers/ia3.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientlm import partitioning
+from efficientlm.layers import ia3
 from efficientlm.layers.dense import DenseGeneral
 from efficientlm.layers.mlp import get_activation
 from efficientlm.layers.moe import routing
@@ -78,6 +81,7 @@ class Experts(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   grouped_matmul: str = 'auto'  # the dropless path's implementation (grouped_matmul.py)
+  ia3: bool = False  # (IA)3's l_ff per expert: parameter `ia3_scale` [E, intermediate_dim]
 
   def _kernels(self, d: int):
     names = ['wi'] if len(self.activations) == 1 else [
@@ -102,6 +106,10 @@ class Experts(nn.Module):
     """x: [E, G, C, d] dispatched slots, or, with `group_sizes` [E], [N, d] rows sorted by
     expert (the dropless path)."""
     wi, wo = self._kernels(x.shape[-1])
+    scale = None
+    if self.ia3:
+      scale = ia3.scale_vector(self, ia3.FF_SCALE, (self.num_experts, self.intermediate_dim),
+                               ('expert', 'expert_mlp')).astype(self.dtype)
     x = jnp.asarray(x, self.dtype)
     if group_sizes is None:
       # Groups x capacity as one dim: each expert is one batched 2D matmul (XLA:CPU runs kernel
@@ -109,12 +117,18 @@ class Experts(nn.Module):
       e, g, c, d = x.shape
       x = x.reshape(e, g * c, d)
       hidden = self._hidden([jnp.einsum('etd,edf->etf', x, w) for w in wi], deterministic)
+      if scale is not None:
+        hidden = hidden * scale[:, None, :]
       hidden = partitioning.constrain(hidden.reshape(e, g, c, -1),
                                       ('expert', 'batch', None, 'expert_mlp'))
       return jnp.einsum('etf,efd->etd', hidden.reshape(e, g * c, -1), wo).reshape(e, g, c, d)
     gmm = functools.partial(grouped_matmul, group_sizes=group_sizes,
                             implementation=self.grouped_matmul)
     hidden = self._hidden([gmm(x, w) for w in wi], deterministic)
+    if scale is not None:  # row i belongs to the expert whose group holds it
+      experts = jnp.repeat(jnp.arange(self.num_experts), group_sizes,
+                           total_repeat_length=hidden.shape[0])
+      hidden = hidden * scale[experts]
     return gmm(hidden, wo)
 
 
@@ -127,6 +141,7 @@ class MoeLayer(nn.Module):
   causal: bool = False  # in a causal decoder (experts-choose would look ahead)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  ia3: bool = False  # (IA)3 vectors in the experts (Experts.ia3)
 
   def _groups(self, x: jax.Array) -> jax.Array:
     """[B, L, d] -> [G, T, d]: one group per sequence, or the fewest groups of at most
@@ -155,7 +170,7 @@ class MoeLayer(nn.Module):
     logits = Router(cfg.num_experts, name='router')(router_in)
     experts = Experts(cfg.num_experts, self.intermediate_dim, tuple(self.activations),
                       cfg.expert_dropout_rate, self.dtype, self.param_dtype, cfg.grouped_matmul,
-                      name='expert')
+                      ia3=self.ia3, name='expert')
     if cfg.dispatch == 'dropless':
       out, aux = self._dropless(groups, logits, experts, deterministic)
     else:
