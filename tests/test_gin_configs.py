@@ -30,11 +30,13 @@ def test_configs_are_shipped():
 # required macros bound.
 RUN_MACROS = ["MODEL_DIR = '/tmp/run'", "RESTORE_PATH = '/tmp/pretrained'",
               "CHECKPOINT_PATH = '/tmp/run/checkpoints'", "DENSE_CHECKPOINT = '/tmp/dense'",
+              "BASE_CHECKPOINT = '/tmp/base'", "SOURCE_CHECKPOINT = '/tmp/source'",
               'TRAIN_STEPS = 1000']
 # What each run mode's function receives from the run gins, built here short of running it.
 RUN_ARGUMENTS = ('trainer.train.train_dataset', 'trainer.train.eval_dataset',
                  'trainer.train.optimizer', 'evaluation.evaluate.eval_dataset',
-                 'infer.infer.dataset', 'infer.infer.decode_options')
+                 'infer.infer.dataset', 'infer.infer.decode_options',
+                 'prune.prune.calibration_dataset')
 
 
 # Fragments included by other gins, parsed as they are used.
@@ -56,6 +58,9 @@ FRAGMENTS.update({path: (['models/decoder/tiny.gin', path], []) for path in (
     'models/gss/hybrid.gin', 'models/scaling/sparse_ffn.gin', 'models/scaling/sparse_qkv.gin',
     'models/scaling/scaling.gin', 'models/terraformer/terraformer.gin',
     'models/perceiver_ar/perceiver_ar.gin', 'models/block_recurrent/block_recurrent.gin')})
+# An overlay on a fine-tuning run gin.
+FRAGMENTS['runs/tfew.gin'] = (['models/decoder/tiny.gin', 'runs/finetune.gin', 'runs/tfew.gin'],
+                              RUN_MACROS)
 FRAGMENTS['models/block_recurrent/window.gin'] = (
     ['models/block_recurrent/decoder_tiny.gin', 'models/block_recurrent/window.gin'], [])
 FRAGMENTS.update({f'models/fnet/{name}.gin': (['models/t5_1_1/tiny.gin', f'models/fnet/{name}.gin'],
@@ -120,11 +125,16 @@ def test_every_gin_file_parses_and_builds(path):
     assert any(a.endswith('dataset') for a in built), f'{path} configures no data'
 
 
+# Scanned layers hold the same parameters stacked, and trace one layer instead of all of them
+# (the unscanned trees of these gins are built by test_every_gin_file_parses_and_builds).
+SCANNED = 'SCAN_LAYERS = True'
+
+
 # Published sizes: T5X's T5.1.1 checkpoints table.
 @pytest.mark.parametrize('size,published', [('small', 77e6), ('base', 248e6), ('large', 783e6),
                                             ('xl', 2.85e9), ('xxl', 11.1e9)])
 def test_t5_1_1_parameter_counts(size, published):
-  gin_config.parse([f'models/t5_1_1/{size}.gin'])
+  gin_config.parse([f'models/t5_1_1/{size}.gin'], [SCANNED])
   assert abs(_num_params() / published - 1) < 0.01
 
 
@@ -132,7 +142,7 @@ def test_t5_1_1_parameter_counts(size, published):
 @pytest.mark.parametrize('path,published', [('models/switch/base_128.gin', 7.4e9),
                                             ('models/switch/large_128.gin', 26.3e9)])
 def test_switch_parameter_counts(path, published):
-  gin_config.parse([path])
+  gin_config.parse([path], [SCANNED])
   assert abs(_num_params() / published - 1) < 0.01
 
 
@@ -141,7 +151,7 @@ def test_switch_parameter_counts(path, published):
 @pytest.mark.parametrize('size,published', [('gpt_125m', 125e6), ('gpt_350m', 350e6),
                                             ('gpt_1_3b', 1.3e9)])
 def test_gpt_style_parameter_counts(size, published):
-  gin_config.parse([f'models/decoder/{size}.gin'], ['VOCAB_SIZE = 50257'])
+  gin_config.parse([f'models/decoder/{size}.gin'], ['VOCAB_SIZE = 50257', SCANNED])
   assert abs(_num_params() / published - 1) < 0.02
 
 

@@ -8,7 +8,8 @@
   'prefix_lm'  seqio.PrefixLMFeatureConverter: the decoder features plus decoder_causal_attention
                (inputs and targets concatenated; loss on the targets only)
 
-`convert` applies one and makes every loss weight float32 (seqio's are int32).
+`convert` applies one and makes every loss weight float32 (seqio's are int32). A task with answer
+choices (choices.py) becomes one element per example, each choice a row of these features.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Mapping
 
 from efficientlm.data.tensorflow_cpu import tf  # first: TF quietly, with GPUs hidden
 import seqio
+
+from efficientlm.data import choices
 
 
 LOSS_WEIGHTS = 'targets_loss_weights'
@@ -30,7 +33,8 @@ class WeightedLMFeatureConverter(seqio.LMFeatureConverter):
   """Decoder-only LM features whose loss weights are the task's 'targets_loss_weights' when it
   has them (the synthetic tasks: weight only the answers), else 1 at every non-pad target.
 
-  Weights are kept to 1/1024 through packing; binary weights are exact.
+  Weights are kept to 1/1024 through packing; binary weights are exact. Unpacked, it passes
+  `passthrough_features` through (seqio's LMFeatureConverter does not).
   """
 
   MODEL_FEATURES = {**seqio.LMFeatureConverter.MODEL_FEATURES,
@@ -54,7 +58,13 @@ class WeightedLMFeatureConverter(seqio.LMFeatureConverter):
       out['decoder_loss_weights'] = tf.cast(encoded, tf.float32) / _WEIGHT_SCALE
     else:
       out['decoder_loss_weights'] = tf.cast(out['decoder_loss_weights'], tf.float32)
+    out.update({k: features[k] for k in self._passthrough_features})
     return out
+
+  def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
+    lengths = dict(super().get_model_feature_lengths(task_feature_lengths))
+    lengths.update({k: task_feature_lengths[k] for k in self._passthrough_features})
+    return lengths
 
 
 def _encode_weights(features):
@@ -70,16 +80,23 @@ FEATURE_CONVERTERS: dict[str, type[seqio.FeatureConverter]] = {
 }
 
 
-def make_feature_converter(name: str, pack: bool = True) -> seqio.FeatureConverter:
+def _converter_class(name: str) -> type[seqio.FeatureConverter]:
   if name not in FEATURE_CONVERTERS:
     raise ValueError(f'Unknown feature converter {name!r}; choose one of '
                      f'{sorted(FEATURE_CONVERTERS)}.')
-  return FEATURE_CONVERTERS[name](pack=pack)
+  return FEATURE_CONVERTERS[name]
+
+
+def make_feature_converter(name: str, pack: bool = True) -> seqio.FeatureConverter:
+  return _converter_class(name)(pack=pack)
 
 
 def convert(ds: tf.data.Dataset, name: str, task_feature_lengths: Mapping[str, int],
             pack: bool = True) -> tf.data.Dataset:
   """Model features of a task dataset: int32 tokens and ids, float32 loss weights."""
-  ds = make_feature_converter(name, pack)(ds, task_feature_lengths=task_feature_lengths)
+  if choices.has_choices(ds):
+    ds = choices.convert(ds, _converter_class(name), name, task_feature_lengths, pack)
+  else:
+    ds = make_feature_converter(name, pack)(ds, task_feature_lengths=task_feature_lengths)
   return ds.map(lambda ex: {k: tf.cast(v, tf.float32) if k.endswith('loss_weights') else v
                             for k, v in ex.items()})

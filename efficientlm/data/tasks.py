@@ -9,6 +9,8 @@
   synthetic_recall, synthetic_induction   see synthetic.py ('targets', 'targets_loss_weights')
   stdlib_code_lm     byte-level LM on the Python standard library's own source files, split by
                      file; no download (stdlib_code.py; 'targets')
+  stdlib_code_next_line  multiple choice on the same files: which of 4 lines comes next
+                     (stdlib_next_line.py; 'inputs', 'choices', 'label': see choices.py)
   text_lm            made by register_text_lm(files=...) on the user's files (text_files.py)
 
 The C4 and PG19 tasks use `default_vocabulary()` (T5's SentencePiece model: 32000 pieces + 100
@@ -30,6 +32,7 @@ from efficientlm.data.tfds_source import TfdsSource
 from efficientlm.data.synthetic import (INDUCTION_VOCAB_SIZE, RECALL_VOCAB_SIZE,  # noqa: F401
                                         register_synthetic_induction, register_synthetic_recall)
 from efficientlm.data.stdlib_code import register_stdlib_code_lm  # noqa: F401
+from efficientlm.data.stdlib_next_line import register_stdlib_code_next_line  # noqa: F401
 from efficientlm.data.text_files import register_text_lm  # noqa: F401
 from efficientlm.data.vocabularies import default_vocabulary  # noqa: F401
 
@@ -89,3 +92,4 @@ _register_lm('pg19_lm', TfdsSource('pg19:0.1.1', splits=('train', 'validation', 
 register_synthetic_recall()
 register_synthetic_induction()
 register_stdlib_code_lm()
+register_stdlib_code_next_line()

@@ -116,11 +116,20 @@ def moe_line(values: Mapping[str, float | None]) -> str | None:
 
 
 def eval_lines(step: int, results: Mapping[str, float]) -> list[str]:
-  """One line per eval task: `eval step N task: loss ... accuracy ... perplexity ...`."""
+  """One line per eval task: `eval step N task: loss ... accuracy ... perplexity ...`, and for
+  a task with answer choices its rank-classification accuracy."""
   tasks = sorted({key.rsplit('/', 1)[0] for key in results})
   return [f'eval step {step} {task}: loss {_fmt(results[f"{task}/loss"])}  accuracy '
           f'{results[f"{task}/accuracy"]:.4f}  perplexity {results[f"{task}/perplexity"]:.5g}  '
-          f'({_count(results[f"{task}/num_tokens"])} tokens)' for task in tasks]
+          f'({_count(results[f"{task}/num_tokens"])} tokens)' + _rank_part(results, task)
+          for task in tasks]
+
+
+def _rank_part(results: Mapping[str, float], task: str) -> str:
+  if f'{task}/rank_accuracy' not in results:
+    return ''
+  return (f'  rank accuracy {results[f"{task}/rank_accuracy"]:.4f} '
+          f'({results[f"{task}/num_examples"]:.0f} examples)')
 
 
 def _count(value: float) -> str:
