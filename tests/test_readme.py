@@ -152,8 +152,8 @@ def test_partitioning_example_shards_as_the_table_says_and_equals_one_device(cap
 
   # The same step on one device, from an unsharded init with the same key.
   model, local = names['model'], names['host_local_batch']
-  params = partitioning.unbox(model.init(jax.random.key(0), local))['params']
-  loss, grads = jax.value_and_grad(lambda p: model.loss_fn(p, local)[0])(params)
+  params = partitioning.unbox(jax.jit(model.init)(jax.random.key(0), local))['params']
+  loss, grads = jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, local)[0]))(params)
   np.testing.assert_allclose(float(names['loss']), float(loss), rtol=1e-5)
   stepped = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
   for (path, ours), theirs in zip(flat, jax.tree.leaves(stepped)):
@@ -172,10 +172,10 @@ def test_decoding_example_decodes_as_full_forward_passes_do():
 
   # The first prompt's greedy tokens and their log-probabilities, from one full forward pass.
   batch, length = names['batch'], int(greedy.lengths[0])
-  logits = model.logits(params, batch)[0]
+  logits = jax.jit(model.logits)(params, batch)[0]
   tokens = np.asarray(greedy.tokens[0, :length])
   np.testing.assert_array_equal(np.argmax(logits[4:4 + length], -1), tokens)
-  token_scores = np.asarray(model.token_scores(params, batch)[0], np.float64)
+  token_scores = np.asarray(jax.jit(model.token_scores)(params, batch)[0], np.float64)
   np.testing.assert_allclose(token_scores[4:4 + length].sum(), float(greedy.scores[0]), rtol=1e-4)
   np.testing.assert_allclose(float(names['scores'][0]), token_scores.sum(), rtol=1e-5)
 
