@@ -63,6 +63,20 @@ def _load(path):
   return step, params
 
 
+@pytest.fixture(scope='module')
+def ten_steps(tmp_path_factory):
+  """A finished 10-step run of the wide model (checkpoint 10): tests that start from one copy it
+  rather than train it again (the run is deterministic: a copy is what training gives)."""
+  directory = tmp_path_factory.mktemp('ten_steps')
+  tiny_run.train(directory, 10, model=tiny_run.wide_model())
+  return directory
+
+
+def _copy(run, directory):
+  shutil.copytree(run, directory, dirs_exist_ok=True)
+  return directory
+
+
 def test_a_changed_model_stops_before_anything_is_written(tmp_path, capsys):
   """The issue's case: a run restarted with another emb_dim used to skip every checkpoint as
   unreadable, train the wrong model, delete the originals and overwrite config.gin."""
@@ -105,20 +119,18 @@ def test_flipped_bytes_fall_back_rewrite_the_step_and_end_bit_identical(tmp_path
   assert 'unreadable' not in capsys.readouterr().out
 
 
-def test_a_fall_back_to_scratch_starts_the_data_from_its_beginning(tmp_path, capsys):
+def test_a_fall_back_to_scratch_starts_the_data_from_its_beginning(tmp_path, capsys, ten_steps):
   """Found by benchmarks/fault_injection.py: the damaged step's data position used to be restored
   before its arrays were found damaged, so a run falling back to scratch skipped ahead."""
-  tiny_run.train(tmp_path / 'straight', 10, model=tiny_run.wide_model())
-  tiny_run.train(tmp_path / 'damaged', 10, model=tiny_run.wide_model())
-  data_file = _largest_file(tmp_path / 'damaged' / 'checkpoints' / '10' / 'params')
+  damaged = _copy(ten_steps, tmp_path / 'damaged')
+  data_file = _largest_file(damaged / 'checkpoints' / '10' / 'params')
   _flip(data_file, data_file.stat().st_size // 2)
   capsys.readouterr()
   log = []
-  tiny_run.train(tmp_path / 'damaged', 10, model=tiny_run.wide_model(), log=log)
+  tiny_run.train(damaged, 10, model=tiny_run.wide_model(), log=log)
   assert 'No older checkpoint: starting from scratch' in capsys.readouterr().out
   assert log == list(range(10))
-  jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / 'damaged', 10),
-               _params(tmp_path / 'straight', 10))
+  jax.tree.map(np.testing.assert_array_equal, _params(damaged, 10), _params(ten_steps, 10))
 
 
 def test_a_second_process_on_the_same_model_dir_is_refused_at_once(tmp_path):
@@ -140,10 +152,10 @@ def test_a_second_process_on_the_same_model_dir_is_refused_at_once(tmp_path):
     first.kill()
 
 
-def test_a_full_disk_stops_at_the_failed_save_with_one_message(tmp_path, capsys):
-  # A good checkpoint 10, from the run _tiny_run starts (here in this process: only the run
+def test_a_full_disk_stops_at_the_failed_save_with_one_message(tmp_path, capsys, ten_steps):
+  # A good checkpoint 10, from the run _tiny_run starts (trained in this process: only the run
   # under the file-size limit needs a process of its own).
-  tiny_run.train(tmp_path, 10, model=tiny_run.wide_model())
+  _copy(ten_steps, tmp_path)
   good = _snapshot(tmp_path / 'checkpoints' / '10')
   # No file may grow past 200 kB: the next checkpoint's data files cannot be written.
   run = _tiny_run(tmp_path, 40, file_size_limit_kib=200)
@@ -208,9 +220,9 @@ def test_sigterm_during_start_up_exits_cleanly_with_nothing_saved(tmp_path):
   assert not (tmp_path / 'RUN_LOCK').exists()
 
 
-def test_resuming_with_an_unchanged_model_still_works(tmp_path):
+def test_resuming_with_an_unchanged_model_still_works(tmp_path, ten_steps):
   """The mismatch check is not a false alarm: same model, another mesh, more steps."""
-  tiny_run.train(tmp_path, 10, model=tiny_run.wide_model())
+  _copy(ten_steps, tmp_path)
   tiny_run.train(tmp_path, 20, model=tiny_run.wide_model(),
                  partitioner=tiny_run.partitioner(shape=(8,), axes=('fsdp',), rules='fsdp'))
   assert checkpoints.Checkpointer(tmp_path / 'checkpoints').steps() == [10, 20]
