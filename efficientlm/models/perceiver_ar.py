@@ -43,7 +43,9 @@ Deviations from the paper and the authors' code (google-research/perceiver-ar):
   own positions, as in the paper's text; this is what makes N = L a dense decoder.
 - No latent dropout, no training on a random subset of inputs, one latent per position.
 - The cross-attend layer is not rematerialized by remat_policy (only the latent stack is).
-- Whole rows only: packed examples and prefix-LM masks are refused (ConfigError).
+- Whole rows only: packed examples and prefix-LM masks are refused (ConfigError), and so are
+  batches with answer choices (T-Few, rank classification): a right-padded choice need not lie in
+  the last N slots.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ from efficientlm.layers.attention import AttentionMask, padding_segment_ids
 from efficientlm.layers.dense import Embed
 from efficientlm.layers.position import RelativePositionBias
 from efficientlm.models.config import TransformerConfig
-from efficientlm.models.model import DecoderOnlyModel
+from efficientlm.models.model import CHOICE_IS_CORRECT, DecoderOnlyModel
 from efficientlm.models.stacks import embed, output_logits, token_embedder, with_structure
 from efficientlm.models.transformer import (DecoderLayer, attention, feed_forward, hidden,
                                             initial_carry, layer_pattern, norm, residual_dropout,
@@ -371,6 +373,19 @@ class _LatentTargets(Mapping):
     return len(self.full)
 
 
+def _latent_targets(batch: Mapping[str, jax.Array], num_latents: int) -> _LatentTargets:
+  if CHOICE_IS_CORRECT in batch:
+    # A choice sits after its prompt in a right-padded row, so the last N slots need not hold
+    # it: the loss and scores would count other positions than the choice's.
+    raise ConfigError(
+        'Perceiver AR trains and scores only the last N slots of each row (num_latents = '
+        f'{num_latents}), which in a batch with answer choices (a task like '
+        'stdlib_code_next_line: T-Few\'s losses, rank classification, runs/tfew.gin) need not '
+        'hold the choice: use a decoder-only (e.g. models/decoder/tiny.gin) or encoder-decoder '
+        'model for such a task, or train Perceiver AR on a language-modeling task.')
+  return _LatentTargets(batch, num_latents)
+
+
 @dataclasses.dataclass(frozen=True)
 class PerceiverArModel(DecoderOnlyModel):
   """A DecoderOnlyModel whose loss and scores count only the latent positions (the last N
@@ -392,10 +407,10 @@ class PerceiverArModel(DecoderOnlyModel):
     return super()._inputs(batch.full if isinstance(batch, _LatentTargets) else batch)
 
   def loss_sums(self, params, batch, rng=None):
-    return super().loss_sums(params, _LatentTargets(batch, self.num_latents), rng)
+    return super().loss_sums(params, _latent_targets(batch, self.num_latents), rng)
 
   def token_scores(self, params, batch):
     """log p(target) at the latent positions [batch, L] (zero before them and on padding)."""
-    scores = super().token_scores(params, _LatentTargets(batch, self.num_latents))
+    scores = super().token_scores(params, _latent_targets(batch, self.num_latents))
     before = batch['decoder_input_tokens'].shape[1] - scores.shape[1]
     return jnp.pad(scores, ((0, 0), (before, 0)))

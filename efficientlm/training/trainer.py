@@ -281,10 +281,8 @@ def train(*,
     if stopped_in_startup('compilation'):
       return results
 
-    flops = metrics_lib.flops_per_example(model.module.config, _lengths(batch_spec),
-                                          isinstance(model, EncoderDecoderModel)) * global_batch
+    tokens_per_step, flops = step_work(model, batch_spec)
     peak = metrics_lib.peak_flops_per_device()
-    tokens_per_step = global_batch * batch_spec['decoder_target_tokens'].shape[1]
 
     # --- hooks ------------------------------------------------------------------------------------
     latest: dict[str, Any] = {'metrics': None, 'step': start}
@@ -391,11 +389,19 @@ def _write_gin_config(model_dir: epath.Path, name: str, render: Callable[[], str
     metrics_lib.log(f'Could not write {model_dir / name}: {e}.')
 
 
-def _lengths(batch_spec) -> dict[str, int]:
-  lengths = {'targets': batch_spec['decoder_target_tokens'].shape[1]}
+def step_work(model: BaseModel, batch_spec) -> tuple[int, float]:
+  """(target tokens, training FLOPs) of one step on global batches shaped like `batch_spec`,
+  padding included. The network's rows are every axis of the targets but the last: [batch], or
+  [examples, choices] for a task with answer choices (one row per choice); FLOPs are
+  metrics.flops_per_example (one row of the given lengths) times the rows."""
+  targets = batch_spec['decoder_target_tokens'].shape
+  rows = int(np.prod(targets[:-1]))
+  lengths = {'targets': targets[-1]}
   if 'encoder_input_tokens' in batch_spec:
-    lengths['inputs'] = batch_spec['encoder_input_tokens'].shape[1]
-  return lengths
+    lengths['inputs'] = batch_spec['encoder_input_tokens'].shape[-1]
+  flops = metrics_lib.flops_per_example(model.module.config, lengths,
+                                        isinstance(model, EncoderDecoderModel))
+  return rows * targets[-1], flops * rows
 
 
 def _profiler(first: int, last: int, directory: epath.Path) -> Callable[[int], None]:
