@@ -57,7 +57,9 @@ def seq2seq_batch(seed: int, batch: int, inputs_len: int, targets_len: int,
 
 
 def init_params(model, batch, seed: int = 0):
-  return partitioning.unbox(model.init(jax.random.key(seed), batch)['params'])
+  # One jitted program: run eagerly, init would compile each of the forward pass's ops apart.
+  return jax.jit(lambda rng: partitioning.unbox(model.init(rng, batch)['params']))(
+      jax.random.key(seed))
 
 
 def param_shapes(tree, prefix: str = '') -> dict[str, tuple[int, ...]]:

@@ -3,6 +3,7 @@ exhaustive references."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -22,10 +23,16 @@ DECODER_VARIANTS = {
 }
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model):
+  """Jitted here and below (op by op, compiling each op costs more than the whole program);
+  the model static, so the tests that share a variant share one compiled init."""
+  return model.module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+
+
 def _decoder(variant, **overrides):
   model = decoder_model(**DECODER_VARIANTS[variant], **overrides)
-  params = model.module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
-  return model, params
+  return model, _init(model)
 
 
 def _sequences(seed, batch, length, vocab):
@@ -45,7 +52,7 @@ def _jitted(model):
 def test_cached_logits_equal_full_forward_decoder_only(variant):
   model, params = _decoder(variant)
   toks = _sequences(1, 3, 10, 64)
-  full = model.module.apply({'params': params}, toks)
+  full = jax.jit(lambda p, t: model.module.apply({'params': p}, t))(params, toks)
   lengths = jnp.array([2, 6, 4])
   prompt = jnp.where(jnp.arange(6)[None] < lengths[:, None], toks[:, :6], 0)
   cache = kv_cache.init_cache(model, params, 3, 12)
@@ -68,8 +75,8 @@ def test_cached_logits_equal_full_forward_encoder_decoder():
   model = t5_model(num_kv_heads=2)
   enc = _sequences(2, 2, 7, 64).at[:, 0].set(5).at[1, 5:].set(0)  # second input padded
   dec = _sequences(3, 2, 5, 64)
-  params = model.module.init(jax.random.key(0), enc, dec)['params']
-  full = model.module.apply({'params': params}, enc, dec)
+  params = jax.jit(model.module.init)(jax.random.key(0), enc, dec)['params']
+  full = jax.jit(lambda p: model.module.apply({'params': p}, enc, dec))(params)
   cache = kv_cache.init_cache(model, params, 2, 6, encoder_length=7)
   prefill, step = _jitted(model)
   logits, cache = prefill(params, cache, dec[:, :1], jnp.array([1, 1]), enc)
@@ -82,15 +89,25 @@ def test_cached_logits_equal_full_forward_encoder_decoder():
 def test_prefix_lm_prefill_attends_bidirectionally():
   model = decoder_model(num_kv_heads=1)
   model = type(model)(model.module, prefix_lm=True)
-  params = model.module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+  params = jax.jit(model.module.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
   toks = _sequences(4, 1, 6, 64)
   causal = jnp.array([[1, 1, 1, 1, 0, 0]])  # the prompt is 4 tokens
-  full = model.module.apply({'params': params}, toks, decoder_causal_attention=causal)
+  full = jax.jit(lambda p: model.module.apply({'params': p}, toks,
+                                              decoder_causal_attention=causal))(params)
   cache = kv_cache.init_cache(model, params, 1, 8)
-  logits, cache = kv_cache.prefill(model, params, cache, toks[:, :4], jnp.array([4]))
+  prefill, step = _jitted(model)
+  logits, cache = prefill(params, cache, toks[:, :4], jnp.array([4]))
   np.testing.assert_allclose(logits[0], full[0, :4], atol=2e-5)
-  step_logits, _ = kv_cache.step(model, params, cache, toks[:, 4], jnp.array([4]))
+  step_logits, _ = step(params, cache, toks[:, 4], jnp.array([4]))
   np.testing.assert_allclose(step_logits[0], full[0, 4], atol=2e-5)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, params, toks, enc):
+  """One compiled forward per model, shared by every row and test (the model static)."""
+  if enc is None:
+    return model.module.apply({'params': params}, toks)
+  return model.module.apply({'params': params}, enc[None], toks)
 
 
 def _naive_greedy(model, params, prompt, steps, encoder_tokens=None, length=12):
@@ -98,15 +115,12 @@ def _naive_greedy(model, params, prompt, steps, encoder_tokens=None, length=12):
   is right-padded to `length`, so one compiled forward serves every step and prompt: the decoder
   is causal and, without targets, counts every position as real, so the padding after the last
   token leaves that token's logits unchanged."""
-  if encoder_tokens is None:
-    forward = jax.jit(lambda p, toks, enc: model.module.apply({'params': p}, toks))
-  else:
-    forward = jax.jit(lambda p, toks, enc: model.module.apply({'params': p}, enc[None], toks))
   seq = [0] + ([] if encoder_tokens is not None else [int(t) for t in prompt if t])
   assert len(seq) + steps <= length
   out = []
   for _ in range(steps):
-    logits = forward(params, jnp.array([seq + [0] * (length - len(seq))]), encoder_tokens)
+    logits = _forward(model, params, jnp.array([seq + [0] * (length - len(seq))]),
+                      encoder_tokens)
     out.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     seq.append(out[-1])
   return out
@@ -189,7 +203,8 @@ def test_beam_search_with_enough_beams_is_exact_search():
   # Exhaustive: score every continuation by a full forward pass (all of them in one batch).
   conts = np.array(list(itertools.product(range(vocab), repeat=steps)), np.int32)
   seqs = np.concatenate([np.tile([[0, 2, 3]], (len(conts), 1)), conts], axis=1)
-  logp = np.asarray(jax.nn.log_softmax(model.module.apply({'params': params}, seqs), -1))
+  logp = np.asarray(jax.jit(lambda p: jax.nn.log_softmax(
+      model.module.apply({'params': p}, seqs), -1))(params))
   scores = logp[np.arange(len(conts))[:, None], 2 + np.arange(steps), conts].sum(1)
   best = int(np.argmax(scores))
   best_score = float(scores[best])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -21,13 +22,19 @@ SENTENCEPIECE = str(pathlib.Path(seqio.__file__).parent / 'test_data' / 'sentenc
 PROMPTS = ['the quick brown fox', 'hello', 'a b c d e f g', 'one more prompt']
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model):
+  """Jitted (op by op, compiling each op costs more), the model static: the tests that build the
+  same model from the same gin share one compiled init."""
+  return model.module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+
+
 def _checkpoint(tmp_path, model_gin='models/decoder/tiny.gin'):
   """A random tiny-decoder checkpoint (`model_gin`, float32, vocabulary 64)."""
   gin_config.parse([model_gin],
                    ['VOCAB_SIZE = 64', "ACTIVATION_DTYPE = 'float32'"])
   model = gin_config.macro('MODEL')
-  params = partitioning.unbox(
-      model.module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params'])
+  params = partitioning.unbox(_init(model))
   ckpt = checkpoints.Checkpointer(tmp_path / 'ckpt' / 'checkpoints', async_save=False)
   ckpt.save(3, params, wait=True)
   ckpt.close()

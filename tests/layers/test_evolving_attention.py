@@ -1,6 +1,8 @@
 """Evolving attention against plain attention, a numpy loop reference of (E1)/(E2), causality and
 padding invariances through two stacked layers, and config errors."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -89,20 +91,37 @@ def padded_mask(b, length, causal, pad=2, prefix=0):
   return masks.make_attention_mask(valid, valid)
 
 
+class Layer(nn.Module):
+  """evolving_dot_product_attention under an EvolvingLogits named 'evolve'."""
+
+  config: EvolvingAttentionConfig
+  heads: int
+  causal: bool
+
+  @nn.compact
+  def __call__(self, q, k, v, mask, bias, previous):
+    evolve = EvolvingLogits(self.config, self.heads, causal=self.causal, name='evolve')
+    return evolving_dot_product_attention(q, k, v, evolve, previous, mask, bias)
+
+
+# Jitted (op by op, compiling each op costs more), the layer static: calls with an equal layer
+# and the same shapes share one compiled program.
+@functools.partial(jax.jit, static_argnums=0)
+def _init(layer, key, *args):
+  return nn.unbox(layer.init(key, *args))['params']
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(layer, params, *args):
+  return layer.apply({'params': params}, *args)
+
+
 def run(config, heads, causal, q, k, v, mask, bias, previous, params=None):
   """evolving_dot_product_attention under an EvolvingLogits; returns (out, passed_on, params)."""
-
-  class Layer(nn.Module):
-
-    @nn.compact
-    def __call__(self, q, k, v, mask, bias, previous):
-      evolve = EvolvingLogits(config, heads, causal=causal, name='evolve')
-      return evolving_dot_product_attention(q, k, v, evolve, previous, mask, bias)
-
-  layer = Layer()
+  layer = Layer(config, heads, causal)
   if params is None:
-    params = nn.unbox(layer.init(jax.random.key(9), q, k, v, mask, bias, previous))['params']
-  out, passed_on = layer.apply({'params': params}, q, k, v, mask, bias, previous)
+    params = _init(layer, jax.random.key(9), q, k, v, mask, bias, previous)
+  out, passed_on = _apply(layer, params, q, k, v, mask, bias, previous)
   return out, passed_on, params
 
 
@@ -200,7 +219,7 @@ class TwoLayers(nn.Module):
 
 
 def init_two_layers(model, x, mask):
-  params = nn.unbox(model.init(jax.random.key(4), x, mask))['params']
+  params = _init(model, jax.random.key(4), x, mask)
   # Bias the convolutions so every tap matters, padding/border reads included.
   return jax.tree_util.tree_map_with_path(
       lambda path, p: p + 0.3 if 'bias' in jax.tree_util.keystr(path) else p, params)
@@ -216,14 +235,14 @@ def test_causal_two_layers_never_read_later_tokens(t):
   config = EvolvingAttentionConfig(alpha=0.5, beta=0.7, convolve_first_layer=True)
   model = TwoLayers(config, causal=True)
   params = init_two_layers(model, x, mask)
-  y, y_later = (model.apply({'params': params}, inp, mask) for inp in (x, later))
+  y, y_later = (_apply(model, params, inp, mask) for inp in (x, later))
   # Zero weights and zeroed masked entries make the early outputs bit-identical in practice;
   # 1e-6 only allows for a reordered reduction.
   np.testing.assert_allclose(y[:, :t + 1], y_later[:, :t + 1], rtol=0, atol=1e-6)
   assert np.abs(y[:, t + 1:] - y_later[:, t + 1:]).max() > 1e-3  # the change did reach later
   # Control: 'same' padding under the same causal mask reads row q+1, so the test above can fail.
   leaky = TwoLayers(config, causal=False)
-  y, y_later = (leaky.apply({'params': params}, inp, mask) for inp in (x, later))
+  y, y_later = (_apply(leaky, params, inp, mask) for inp in (x, later))
   assert np.abs(y[:, :t + 1] - y_later[:, :t + 1]).max() > 1e-3
 
 
@@ -239,13 +258,13 @@ def test_padding_is_invisible_through_two_layers(causal):
   model = TwoLayers(EvolvingAttentionConfig(alpha=0.4, beta=0.8, convolve_first_layer=True),
                     causal=causal)
   params = init_two_layers(model, x, mask)
-  y = model.apply({'params': params}, x, mask)
+  y = _apply(model, params, x, mask)
   noisy = x.at[:, valid_len:].mul(1e3)
-  y_noisy = model.apply({'params': params}, noisy, mask)
+  y_noisy = _apply(model, params, noisy, mask)
   short = jnp.ones((1, valid_len), jnp.int32)
   short_mask = (masks.make_decoder_mask(short) if causal else
                 masks.make_attention_mask(short > 0, short > 0))
-  y_short = model.apply({'params': params}, x[:, :valid_len], short_mask)
+  y_short = _apply(model, params, x[:, :valid_len], short_mask)
   np.testing.assert_allclose(y[:, :valid_len], y_noisy[:, :valid_len], rtol=0, atol=1e-6)
   np.testing.assert_allclose(y[:, :valid_len], y_short, **TOL)
 
@@ -256,7 +275,7 @@ def test_parameters_and_gradients():
   x = jax.random.normal(jax.random.key(8), (2, 6, 8))
   mask = padded_mask(2, 6, causal=True)
   model = TwoLayers(EvolvingAttentionConfig(kernel_size=5), causal=True)
-  variables = model.init(jax.random.key(0), x, mask)
+  variables = jax.jit(model.init)(jax.random.key(0), x, mask)
   params = nn.unbox(variables)['params']
   shapes = lambda i: jax.tree.map(jnp.shape, params[f'evolve{i}'])
   assert shapes(0) == shapes(1) == {'kernel': (5, 5, 2, 2), 'bias': (2,)}

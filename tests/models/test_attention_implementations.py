@@ -53,8 +53,9 @@ def test_decoder_only_rotary_mqa_forward_is_unchanged(kernel_calls, packed):
     batch['decoder_positions'] = np.array([[0, 1, 2, 3, 0, 1, 2, 0, 0, 0],
                                            [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]], np.int32)
   params = helpers.init_params(model, batch)
-  want = model.logits(params, batch)
-  got = helpers.decoder_model(num_kv_heads=1, attention_implementation='pallas').logits(
+  # Jitted, each forward is traced once, so the kernel counts stay one per layer and call.
+  want = jax.jit(model.logits)(params, batch)
+  got = jax.jit(helpers.decoder_model(num_kv_heads=1, attention_implementation='pallas').logits)(
       params, batch)
   assert kernel_calls['flash'] == 2  # one per layer
   _assert_valid_close(got, want, batch['decoder_target_tokens'] > 0)
@@ -65,8 +66,8 @@ def test_t5_encoder_decoder_forward_is_unchanged(kernel_calls):
   model = helpers.t5_model()
   batch = helpers.seq2seq_batch(0, 2, 7, 5, 64)
   params = helpers.init_params(model, batch)
-  want = model.logits(params, batch)
-  got = helpers.t5_model(attention_implementation='pallas').logits(params, batch)
+  want = jax.jit(model.logits)(params, batch)
+  got = jax.jit(helpers.t5_model(attention_implementation='pallas').logits)(params, batch)
   assert kernel_calls['flash'] == 2 + 2 * 2  # encoder self; decoder self and cross
   _assert_valid_close(got, want, batch['decoder_target_tokens'] > 0)
 
@@ -77,9 +78,9 @@ def test_t5_cases_without_kernel_structure_raise_under_pallas_and_run_under_auto
   # Explicit positions (packing): the kernel's relative bias has no per-example offsets yet.
   packed = dict(batch, encoder_positions=np.tile(np.arange(7, dtype=np.int32), (2, 1)))
   with pytest.raises(ValueError, match='relative position bias .* not yet supported by the pal'):
-    helpers.t5_model(attention_implementation='pallas').logits(params, packed)
-  want = helpers.t5_model().logits(params, packed)
-  got = helpers.t5_model(attention_implementation='auto').logits(params, packed)
+    jax.jit(helpers.t5_model(attention_implementation='pallas').logits)(params, packed)
+  want = jax.jit(helpers.t5_model().logits)(params, packed)
+  got = jax.jit(helpers.t5_model(attention_implementation='auto').logits)(params, packed)
   _assert_valid_close(got, want, batch['decoder_target_tokens'] > 0)
 
 
@@ -88,7 +89,7 @@ def test_prefix_lm_raises_under_pallas():
   batch = helpers.lm_batch(0, 2, 10, 64)
   batch['decoder_causal_attention'] = (np.arange(10) < 4).astype(np.int32)[None].repeat(2, 0)
   with pytest.raises(ValueError, match='prefix-LM'):
-    model.logits(helpers.init_params(helpers.decoder_model(), batch), batch)
+    jax.jit(model.logits)(helpers.init_params(helpers.decoder_model(), batch), batch)
 
 
 def test_training_steps_reduce_the_loss_like_xla():
@@ -116,14 +117,14 @@ def test_training_steps_reduce_the_loss_like_xla():
 def test_cached_decoding_with_the_decode_kernel_equals_xla(kernel_calls):
   """Prefill (flash) and steps (decode kernel, lengths = position + 1) against xla."""
   model = helpers.decoder_model(num_kv_heads=1)
-  params = model.module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+  params = jax.jit(model.module.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
   pallas = helpers.decoder_model(num_kv_heads=1, attention_implementation='pallas')
   rng = np.random.default_rng(2)
   toks = jnp.asarray(rng.integers(2, 64, size=(3, 9)), jnp.int32).at[:, 0].set(0)
   lengths = jnp.array([2, 5, 3])
   prompt = jnp.where(jnp.arange(5)[None] < lengths[:, None], toks[:, :5], 0)
 
-  def run(m):
+  def run(m, params):
     cache = kv_cache.init_cache(m, params, 3, 10)
     logits, cache = kv_cache.prefill(m, params, cache, prompt, lengths)
     out, positions = [logits], lengths
@@ -134,7 +135,9 @@ def test_cached_decoding_with_the_decode_kernel_equals_xla(kernel_calls):
       positions = positions + 1
     return out
 
-  want, got = run(model), run(pallas)
+  # Each whole decode jitted (traced once, steps unrolled): the same kernel calls as op by op.
+  want = jax.jit(lambda p: run(model, p))(params)
+  got = jax.jit(lambda p: run(pallas, p))(params)
   # Flash: 2 layers x (init_cache's shape-only trace + prefill); decode: 2 layers x 3 steps.
   assert kernel_calls == {'flash': 4, 'decode': 2 * 3}
   prompt_valid = jnp.arange(5)[None] < lengths[:, None]

@@ -25,8 +25,9 @@ def test_a_dense_checkpoint_has_the_same_tree_and_differs_only_in_attention_patt
   batch = helpers.lm_batch(0, 2, 16, 64)
   dense = helpers.decoder_model()
   params = helpers.init_params(dense, batch)
-  assert helpers.param_shapes(helpers.init_params(_decoder(), batch)) == helpers.param_shapes(params)
-  sparse, full = _decoder().logits(params, batch), dense.logits(params, batch)
+  sparse_tree = jax.eval_shape(lambda: helpers.init_params(_decoder(), batch))  # shapes only
+  assert helpers.param_shapes(sparse_tree) == helpers.param_shapes(params)
+  sparse, full = jax.jit(_decoder().logits)(params, batch), jax.jit(dense.logits)(params, batch)
   # The first two blocks read every earlier key in both models (window + global): equal there.
   np.testing.assert_allclose(sparse[:, :8], full[:, :8], rtol=1e-5, atol=1e-5)
   assert np.abs(np.asarray(sparse[:, 12:] - full[:, 12:])).max() > 1e-4
@@ -36,15 +37,16 @@ def test_decoder_only_bigbird_is_causal_and_padding_is_invisible():
   model = _decoder(position_embedding='relative')
   batch = helpers.lm_batch(0, 2, 16, 64)
   params = helpers.init_params(model, batch)
-  logits = model.logits(params, batch)
+  logits_fn = jax.jit(model.logits)  # one program for the three same-shaped batches
+  logits = logits_fn(params, batch)
   t = 9
-  changed = model.logits(params, helpers.bump(batch, 'decoder_input_tokens', (slice(None), t), 64))
+  changed = logits_fn(params, helpers.bump(batch, 'decoder_input_tokens', (slice(None), t), 64))
   np.testing.assert_array_equal(changed[:, :t], logits[:, :t])
   assert np.abs(np.asarray(changed[:, t] - logits[:, t])).max() > 1e-4
   # Row 0 ends in 3 padding targets: changing those tokens changes no other position.
   padded = dict(batch, decoder_target_tokens=np.where(
       batch['decoder_target_tokens'] > 0, batch['decoder_target_tokens'], 0))
-  np.testing.assert_array_equal(model.logits(params, padded)[:, :13], logits[:, :13])
+  np.testing.assert_array_equal(logits_fn(params, padded)[:, :13], logits[:, :13])
 
 
 def test_t5_with_bigbird_in_encoder_and_decoder_trains_and_its_decoder_is_causal():
@@ -55,11 +57,12 @@ def test_t5_with_bigbird_in_encoder_and_decoder_trains_and_its_decoder_is_causal
   params = helpers.init_params(model, batch)
   loss, grads = jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch)[0]))(params)
   assert np.isfinite(loss) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
-  logits = model.logits(params, batch)
+  logits_fn = jax.jit(model.logits)  # one program for the three same-shaped batches
+  logits = logits_fn(params, batch)
   t = 10
-  changed = model.logits(params, helpers.bump(batch, 'decoder_input_tokens', (slice(None), t), 64))
+  changed = logits_fn(params, helpers.bump(batch, 'decoder_input_tokens', (slice(None), t), 64))
   np.testing.assert_array_equal(changed[:, :t], logits[:, :t])
-  encoder_changed = model.logits(params, helpers.bump(batch, 'encoder_input_tokens', (0, 15), 64))
+  encoder_changed = logits_fn(params, helpers.bump(batch, 'encoder_input_tokens', (0, 15), 64))
   assert np.abs(np.asarray(encoder_changed[0] - logits[0])).max() > 1e-4
 
 
@@ -74,12 +77,13 @@ def test_a_hybrid_pattern_alternates_layers():
   dense = helpers.decoder_model(num_decoder_layers=4)
   params = helpers.init_params(dense, batch)
   valid = batch['decoder_target_tokens'] > 0  # padding rows differ (they read no key)
+  dense_logits = jax.jit(dense.logits)(params, batch)
   np.testing.assert_allclose(
-      np.asarray(helpers.decoder_model(bigbird=full, **hybrid).logits(params, batch))[valid],
-      np.asarray(dense.logits(params, batch))[valid], rtol=1e-5, atol=1e-5)
+      np.asarray(jax.jit(helpers.decoder_model(bigbird=full, **hybrid).logits)(params, batch))[
+          valid], np.asarray(dense_logits)[valid], rtol=1e-5, atol=1e-5)
   sparse = helpers.decoder_model(bigbird=BigBirdConfig(block_size=2, num_random_blocks=1),
                                  **hybrid)
-  assert np.abs(np.asarray(sparse.logits(params, batch) - dense.logits(params, batch))).max() > 1e-4
+  assert np.abs(np.asarray(jax.jit(sparse.logits)(params, batch) - dense_logits)).max() > 1e-4
 
 
 def test_what_bigbird_cannot_do_is_a_clear_error():
@@ -95,8 +99,8 @@ def test_what_bigbird_cannot_do_is_a_clear_error():
   packed = dict(batch, decoder_segment_ids=np.ones((1, 16), np.int32),
                 decoder_positions=np.arange(16, dtype=np.int32)[None])
   with pytest.raises(ValueError, match='do not support packed examples: set DatasetConfig.pack'):
-    model.logits(params, packed)
+    jax.jit(model.logits)(params, packed)
   with pytest.raises(ValueError, match='block_size'):
-    model.logits(params, helpers.lm_batch(0, 1, 14, 64))  # 14 tokens: not a multiple of 4
+    jax.jit(model.logits)(params, helpers.lm_batch(0, 1, 14, 64))  # 14 tokens: not a multiple of 4
   with pytest.raises(ValueError, match="'bigbird' cannot decode with a KV cache"):
     model.predict(params, jnp.asarray(batch['decoder_target_tokens'][:, :3]))

@@ -33,7 +33,7 @@ def test_t5x_checkpoint_weights_run_forward(fixtures_dir):
   gin_config.parse(['models/t5_1_1/tiny.gin'], ["ACTIVATION_DTYPE = 'float32'"])
   model = gin_config.macro('MODEL')
   batch = helpers.seq2seq_batch(0, 2, 6, 5, 32128)
-  loss, metrics = model.loss_fn(params, batch)
+  loss, metrics = jax.jit(model.loss_fn)(params, batch)
   assert np.isfinite(loss) and metrics['num_tokens'] == np.sum(batch['decoder_target_tokens'] > 0)
 
 
@@ -41,13 +41,14 @@ def test_decoder_is_causal_and_encoder_is_bidirectional():
   model = helpers.t5_model()
   batch = helpers.seq2seq_batch(0, 2, 7, 6, 64)
   params = helpers.init_params(model, batch)
-  base = model.logits(params, batch)
+  logits = jax.jit(model.logits)  # one program for the four same-shaped batches
+  base = logits(params, batch)
   later = helpers.bump(batch, 'decoder_input_tokens', (slice(None), 2), 64)  # row 0 pads from 3
-  np.testing.assert_array_equal(model.logits(params, later)[:, :2], base[:, :2])
-  assert np.abs(np.asarray(model.logits(params, later)[:, 2] - base[:, 2])).max() > 1e-5
+  np.testing.assert_array_equal(logits(params, later)[:, :2], base[:, :2])
+  assert np.abs(np.asarray(logits(params, later)[:, 2] - base[:, 2])).max() > 1e-5
   # Any encoder token reaches every real decoder position (through cross-attention).
   enc = helpers.bump(batch, 'encoder_input_tokens', (0, 3), 64)
-  changed = _real(batch, model.logits(params, enc))[:3]  # row 0's three real positions
+  changed = _real(batch, logits(params, enc))[:3]  # row 0's three real positions
   assert np.all(np.abs(changed - _real(batch, base)[:3]).max(-1) > 1e-5)
 
 
@@ -56,8 +57,9 @@ def test_padding_in_the_encoder_is_ignored():
   batch = helpers.seq2seq_batch(0, 2, 7, 6, 64)
   params = helpers.init_params(model, batch)
   padded = dict(batch, encoder_input_tokens=np.pad(batch['encoder_input_tokens'], ((0, 0), (0, 3))))
-  np.testing.assert_allclose(_real(batch, model.logits(params, padded)),
-                             _real(batch, model.logits(params, batch)), atol=1e-5)
+  logits = jax.jit(model.logits)
+  np.testing.assert_allclose(_real(batch, logits(params, padded)),
+                             _real(batch, logits(params, batch)), atol=1e-5)
 
 
 def test_packed_examples_equal_separate_runs():
@@ -87,9 +89,10 @@ def test_packed_examples_equal_separate_runs():
       'encoder_positions': pos((3, 4)), 'decoder_positions': pos((2, 3)),
   }
   params = helpers.init_params(model, packed)
-  got = model.logits(params, packed)
-  np.testing.assert_allclose(got[:, :2], model.logits(params, single(0)), atol=1e-5)
-  np.testing.assert_allclose(got[:, 2:], model.logits(params, single(1)), atol=1e-5)
+  logits = jax.jit(model.logits)
+  got = logits(params, packed)
+  np.testing.assert_allclose(got[:, :2], logits(params, single(0)), atol=1e-5)
+  np.testing.assert_allclose(got[:, 2:], logits(params, single(1)), atol=1e-5)
 
 
 def test_scanned_t5_equals_unrolled():
@@ -99,14 +102,14 @@ def test_scanned_t5_equals_unrolled():
   scanned = helpers.t5_model(scan_layers=True, remat_policy='full')
   # Same network, another program: they differ by float32 rounding, bounded by the reduction
   # lengths through the network and the magnitudes of the logits' terms (error_bounds).
-  want, state = model.module.apply(
-      {'params': params}, **model._inputs(batch),  # pylint: disable=protected-access
+  want, state = jax.jit(lambda p: model.module.apply(
+      {'params': p}, **model._inputs(batch),  # pylint: disable=protected-access
       capture_intermediates=lambda module, _: module.name == 'decoder_norm',
-      mutable=['intermediates'])
+      mutable=['intermediates']))(params)
   hidden = state['intermediates']['decoder']['decoder_norm']['__call__'][0]
   bound = logits_bound(hidden, params['decoder']['logits_dense']['kernel'],
                        transformer_reduction_length(model.module.config, 5, 4))
-  assert_within(scanned.logits(stack_layers(params), batch), want, bound)
+  assert_within(jax.jit(scanned.logits)(stack_layers(params), batch), want, bound)
 
 
 def test_relative_position_bias_is_not_copied_per_example():
@@ -124,7 +127,7 @@ def test_bfloat16_activations_stay_close_to_float32():
   batch = helpers.seq2seq_batch(2, 2, 5, 4, 64)
   model32 = helpers.t5_model()
   params = helpers.init_params(model32, batch)
-  logits16 = helpers.t5_model(dtype='bfloat16').logits(params, batch)
+  logits16 = jax.jit(helpers.t5_model(dtype='bfloat16').logits)(params, batch)
   assert logits16.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(logits16, np.float32), model32.logits(params, batch),
-                             atol=0.1)
+  np.testing.assert_allclose(np.asarray(logits16, np.float32),
+                             jax.jit(model32.logits)(params, batch), atol=0.1)

@@ -55,23 +55,24 @@ def test_model_loss_metrics_and_scores():
   batch = helpers.lm_batch(2, 2, 8, 64)
   batch['decoder_loss_weights'][1, :2] = 0  # weights, not just padding, select tokens
   params = helpers.init_params(model, batch)
-  logits = np.asarray(model.logits(params, batch), np.float64)
+  # The four entry points in one jitted program: op by op, compiling each op costs more.
+  outputs = jax.jit(lambda p: (model.logits(p, batch), model.loss_fn(p, batch),
+                               model.token_scores(p, batch), model.score(p, batch)))(params)
+  logits = np.asarray(outputs[0], np.float64)
   log_probs = _log_softmax(logits)
   targets, weights = batch['decoder_target_tokens'], batch['decoder_loss_weights']
   nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
   log_z = np.log(np.exp(logits).sum(-1))
   n = weights.sum()
-  loss, metrics = model.loss_fn(params, batch)
+  loss, metrics = outputs[1]
   np.testing.assert_allclose(loss, np.sum((nll + 1e-3 * log_z**2) * weights) / n, rtol=1e-5)
   np.testing.assert_allclose(metrics['cross_entropy'], np.sum(nll * weights) / n, rtol=1e-5)
   np.testing.assert_allclose(metrics['z_loss'], np.sum(1e-3 * log_z**2 * weights) / n, rtol=1e-5)
   np.testing.assert_allclose(
       metrics['accuracy'], np.sum((logits.argmax(-1) == targets) * weights) / n, rtol=1e-6)
   assert metrics['num_tokens'] == n
-  np.testing.assert_allclose(model.token_scores(params, batch), -nll * weights, rtol=1e-5,
-                             atol=1e-6)
-  np.testing.assert_allclose(model.score(params, batch), np.sum(-nll * weights, -1),
-                             rtol=1e-5)
+  np.testing.assert_allclose(outputs[2], -nll * weights, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(outputs[3], np.sum(-nll * weights, -1), rtol=1e-5)
   # Initial loss of a fresh model is near log(vocab): logits start small.
   assert abs(float(metrics['cross_entropy']) - math.log(64)) < 1.0
 

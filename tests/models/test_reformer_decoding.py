@@ -133,13 +133,16 @@ def test_lsh_prefill_and_steps_equal_numpy_bucket_matching(count_duplicates):
   batch, length, slots, prompt = 2, 7, 8, 4
   x = jax.random.normal(jax.random.key(3), (batch, length, 8))
   causal = jnp.tril(jnp.ones((prompt, prompt), bool))[None, None]
-  variables = _lsh_layer(config, 'init').init(
+  variables = jax.jit(_lsh_layer(config, 'init').init)(
       jax.random.key(0), jnp.zeros((batch, slots, 8)), jnp.zeros((batch, slots, 8)),
       jnp.tril(jnp.ones((slots, slots), bool))[None, None])
   params, cache = partitioning.unbox(variables['params']), variables['cache']
-  def run(mode, variables, x, mask, positions):  # jitted: op by op costs more than compiling
-    return jax.jit(lambda v, x, m, p: _lsh_layer(config, mode).apply(
-        v, x, x, m, q_positions=p, mutable=['cache']))(variables, x, mask, positions)
+  # Jitted once per mode (op by op costs more than compiling): the steps share one program.
+  jitted = {mode: jax.jit(lambda v, x, m, p, mode=mode: _lsh_layer(config, mode).apply(
+      v, x, x, m, q_positions=p, mutable=['cache'])) for mode in ('prefill', 'step')}
+
+  def run(mode, variables, x, mask, positions):
+    return jitted[mode](variables, x, mask, positions)
 
   out, state = run('prefill', {'params': params, 'cache': cache}, x[:, :prompt], causal,
                    jnp.arange(prompt)[None])
@@ -179,11 +182,12 @@ def test_lsh_decoding_with_one_bucket_is_dense_causal_attention_without_self():
   buckets = jnp.zeros((b, length, heads, 2), jnp.int32)
   index = jnp.arange(length)[None]
   causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
-  got = lsh_attention.lsh_decode_attention(qk, qk, v, buckets, buckets, index, index, causal,
-                                           config)
+  got = jax.jit(lambda qk, v: lsh_attention.lsh_decode_attention(
+      qk, qk, v, buckets, buckets, index, index, causal, config))(qk, v)
   keys = qk / jnp.linalg.norm(qk, axis=-1, keepdims=True)
   earlier = jnp.tril(jnp.ones((length, length), bool), k=-1)[None, None]
-  dense = dot_product_attention(qk, keys, v, mask=earlier)
+  dense = jax.jit(lambda qk, keys, v: dot_product_attention(qk, keys, v, mask=earlier))(
+      qk, keys, v)
   np.testing.assert_allclose(got[:, 1:], dense[:, 1:], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got[:, 0], v[:, 0], rtol=1e-6)  # nothing else to read
 
