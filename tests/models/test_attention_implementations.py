@@ -113,7 +113,6 @@ def test_training_steps_reduce_the_loss_like_xla():
   np.testing.assert_allclose(pallas, xla, rtol=1e-4)
 
 
-@pytest.mark.slow
 def test_cached_decoding_with_the_decode_kernel_equals_xla(kernel_calls):
   """Prefill (flash) and steps (decode kernel, lengths = position + 1) against xla."""
   model = helpers.decoder_model(num_kv_heads=1)

@@ -41,7 +41,7 @@ def test_decoder_is_causal_and_encoder_is_bidirectional():
   model = helpers.t5_model()
   batch = helpers.seq2seq_batch(0, 2, 7, 6, 64)
   params = helpers.init_params(model, batch)
-  logits = jax.jit(model.logits)  # one program for the four same-shaped batches
+  logits = jax.jit(model.logits)  # one program for the four calls (same shapes)
   base = logits(params, batch)
   later = helpers.bump(batch, 'decoder_input_tokens', (slice(None), 2), 64)  # row 0 pads from 3
   np.testing.assert_array_equal(logits(params, later)[:, :2], base[:, :2])

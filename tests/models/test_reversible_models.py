@@ -168,7 +168,7 @@ def test_a_standard_checkpoint_has_the_reversible_tree(kind):
     make, batch = helpers.decoder_model, helpers.lm_batch(0, 1, 8, 64)
   else:
     make, batch = helpers.t5_model, helpers.seq2seq_batch(0, 1, 6, 8, 64)
-  # Abstract trees (shapes and boxes, nothing computed): all the assertions below read.
+  # Abstract trees (shapes and boxes, nothing computed): all that the assertions below read.
   standard = jax.eval_shape(make().init, jax.random.key(0), batch)['params']
   reversible = jax.eval_shape(make(residual='reversible').init, jax.random.key(0), batch)['params']
   assert helpers.param_shapes(partitioning.unbox(reversible)) == helpers.param_shapes(
