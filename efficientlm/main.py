@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import pathlib
 import sys
 
 import gin
@@ -130,6 +131,20 @@ def run(argv: list[str] | None = None) -> int:
     print(f'efficientlm: {e}', file=sys.stderr, flush=True)
     return 1
   return 0
+
+
+def run_then(first: str, flag: str, then: str, argv: list[str] | None = None) -> int:
+  """A launcher's command line (scripts/upcycle.py, scripts/prune.py): run mode `first`, then,
+  with `flag` given and `first` successful, run mode `then` with the same flags."""
+  args = sys.argv[1:] if argv is None else argv
+  rest = [a for a in args if a != flag]
+  if any(a.startswith('--run_mode') for a in rest):
+    sys.exit(f'scripts/{pathlib.Path(sys.argv[0]).name} sets the run mode itself; drop '
+             '--run_mode.')
+  status = run([f'--run_mode={first}'] + rest)
+  if status == 0 and flag in args:
+    status = run([f'--run_mode={then}'] + rest)
+  return status
 
 
 if __name__ == '__main__':

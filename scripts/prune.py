@@ -11,10 +11,4 @@ import sys
 from efficientlm import main
 
 if __name__ == '__main__':
-  argv = [a for a in sys.argv[1:] if a != '--eval']
-  if any(a.startswith('--run_mode') for a in argv):
-    sys.exit('scripts/prune.py sets the run mode itself; drop --run_mode.')
-  status = main.run(['--run_mode=prune'] + argv)
-  if status == 0 and '--eval' in sys.argv[1:]:
-    status = main.run(['--run_mode=eval'] + argv)
-  sys.exit(status)
+  sys.exit(main.run_then('prune', '--eval', 'eval'))

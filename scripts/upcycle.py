@@ -12,10 +12,4 @@ import sys
 from efficientlm import main
 
 if __name__ == '__main__':
-  argv = [a for a in sys.argv[1:] if a != '--train']
-  if any(a.startswith('--run_mode') for a in argv):
-    sys.exit('scripts/upcycle.py sets the run mode itself; drop --run_mode.')
-  status = main.run(['--run_mode=upcycle'] + argv)
-  if status == 0 and '--train' in sys.argv[1:]:
-    status = main.run(['--run_mode=train'] + argv)
-  sys.exit(status)
+  sys.exit(main.run_then('upcycle', '--train', 'train'))

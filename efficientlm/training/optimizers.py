@@ -51,15 +51,20 @@ def constant_schedule(learning_rate: float) -> Schedule:
   return optax.constant_schedule(learning_rate)
 
 
+def _check_warmup(schedule: Callable[..., Schedule], warmup_steps: int, total_steps: int) -> None:
+  """0 <= warmup_steps < total_steps, else an error naming the gin knobs that set them."""
+  if not 0 <= warmup_steps < total_steps:
+    warmup = _knob(schedule, 'warmup_steps', warmup_steps)
+    total = _knob(schedule, 'total_steps', total_steps)
+    raise ConfigError(f'{schedule.__name__} needs 0 <= warmup_steps < total_steps, but '
+                      f'{warmup} = {warmup_steps} and {total} = {total_steps}: raise {total} or '
+                      f'lower {warmup}.')
+
+
 def warmup_cosine_schedule(peak_learning_rate: float, warmup_steps: int, total_steps: int,
                            final_fraction: float = 0.1) -> Schedule:
   """Linear warmup to the peak, then cosine decay to `final_fraction` of it at `total_steps`."""
-  if not 0 <= warmup_steps < total_steps:
-    warmup = _knob(warmup_cosine_schedule, 'warmup_steps', warmup_steps)
-    total = _knob(warmup_cosine_schedule, 'total_steps', total_steps)
-    raise ConfigError(f'warmup_cosine_schedule needs 0 <= warmup_steps < total_steps, but '
-                     f'{warmup} = {warmup_steps} and {total} = {total_steps}: raise {total} or '
-                     f'lower {warmup}.')
+  _check_warmup(warmup_cosine_schedule, warmup_steps, total_steps)
   return optax.warmup_cosine_decay_schedule(0.0, peak_learning_rate, warmup_steps, total_steps,
                                             peak_learning_rate * final_fraction)
 
@@ -68,12 +73,7 @@ def warmup_linear_decay_schedule(peak_learning_rate: float, warmup_steps: int,
                                  total_steps: int) -> Schedule:
   """Linear warmup from 0 to the peak, then linear decay to 0 at `total_steps` (T-Few's schedule,
   Liu et al. 2022: 60 warmup steps of 1000)."""
-  if not 0 <= warmup_steps < total_steps:
-    warmup = _knob(warmup_linear_decay_schedule, 'warmup_steps', warmup_steps)
-    total = _knob(warmup_linear_decay_schedule, 'total_steps', total_steps)
-    raise ConfigError(f'warmup_linear_decay_schedule needs 0 <= warmup_steps < total_steps, but '
-                      f'{warmup} = {warmup_steps} and {total} = {total_steps}: raise {total} or '
-                      f'lower {warmup}.')
+  _check_warmup(warmup_linear_decay_schedule, warmup_steps, total_steps)
   return optax.join_schedules(
       [optax.linear_schedule(0.0, peak_learning_rate, warmup_steps),
        optax.linear_schedule(peak_learning_rate, 0.0, total_steps - warmup_steps)], [warmup_steps])
