@@ -26,6 +26,9 @@ MODEL_DIR's run lock (efficientlm.training.run_lock): a second run on the same M
 once.
 An error a user can act on (efficientlm.errors.RunError) ends the run with its message alone and
 exit status 1.
+Compiled programs are kept in a persistent cache (efficientlm.compile_cache: ~/.cache/efficientlm/
+jax, or $JAX_COMPILATION_CACHE_DIR), so a rerun or resumed run skips recompiling; set the
+directory with --compilation_cache_dir=DIR, or turn it off with --compilation_cache_dir=''.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import sys
 import gin
 import jax
 
-from efficientlm import distributed, gin_config, storage
+from efficientlm import compile_cache, distributed, gin_config, storage
 from efficientlm.errors import RunError
 from efficientlm.training import preemption, run_lock
 
@@ -75,6 +78,9 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   parser.add_argument('--take_over_lock', action='store_true',
                       help="take over MODEL_DIR's run lock even if its holder looks alive (use "
                       'only when you know that process is gone)')
+  parser.add_argument('--compilation_cache_dir', default=None,
+                      help="persistent compilation cache directory ('' turns it off; default: "
+                      '$JAX_COMPILATION_CACHE_DIR, else ~/.cache/efficientlm/jax)')
   args, rest = parser.parse_known_args(argv)
   for flag in rest:
     if not flag.startswith('--gin.') or '=' not in flag:
@@ -95,6 +101,7 @@ def _run_fn(run_mode: str):
 
 def main(argv: list[str] | None = None):
   args = parse_flags(sys.argv[1:] if argv is None else argv)
+  compile_cache.configure(args.compilation_cache_dir)  # before anything compiles
   distributed.initialize(args.distributed, args.coordinator_address, args.num_processes,
                          args.process_id)
   # Training turns SIGTERM and Ctrl-C into "save and stop" from here on, start-up included.

@@ -4,6 +4,10 @@
 (temperature, top-k, top-p) or beam search, stopping a sequence at EOS and the batch when every
 sequence has stopped or `max_decode_length` tokens were produced. The loop is a
 `lax.while_loop` inside one jit, so a step costs one dispatch-free iteration.
+
+The search itself (`search`) takes a step function `(cache, tokens, positions) -> (logits,
+cache)`, so decoders other than the Flax model (the partitioned layouts, layout_generate.py)
+share the sampling and beam code.
 """
 
 from __future__ import annotations
@@ -100,13 +104,24 @@ def decoder_prompt(model: BaseModel, prompts: jax.Array) -> tuple[jax.Array, jax
   batch = prompts.shape[0]
   if kv_cache.is_encoder_decoder(model):
     return jnp.zeros((batch, 1), jnp.int32), jnp.ones((batch,), jnp.int32)
+  return bos_prompt(prompts)
+
+
+def bos_prompt(prompts: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A decoder-only model's prompt: [0] + prompt, and its lengths (BOS included)."""
   lengths = jnp.sum(prompts > 0, axis=1).astype(jnp.int32) + 1
-  tokens = jnp.concatenate([jnp.zeros((batch, 1), prompts.dtype), prompts], axis=1)
+  tokens = jnp.concatenate([jnp.zeros((prompts.shape[0], 1), prompts.dtype), prompts], axis=1)
   return tokens.astype(jnp.int32), lengths
 
 
-def _last(logits, lengths):
+def last_logits(logits: jax.Array, lengths: jax.Array) -> jax.Array:
+  """Each row's logits at its last valid prompt position: [B, P, V] -> [B, V]."""
   return logits[jnp.arange(logits.shape[0]), lengths - 1]
+
+
+def repeat_rows(tree, copies: int, axis: int = 0):
+  """Every leaf repeated `copies` times along its batch `axis` (beams share a prompt's cache)."""
+  return jax.tree.map(lambda x: jnp.repeat(x, copies, axis=axis), tree)
 
 
 def _prefill(model, params, prompts, options, copies, cache_length):
@@ -121,14 +136,15 @@ def _prefill(model, params, prompts, options, copies, cache_length):
   cache = kv_cache.init_cache(model, params, prompts.shape[0], cache_length,
                               None if encoder_tokens is None else encoder_tokens.shape[1])
   logits, cache = kv_cache.prefill(model, params, cache, tokens, lengths, encoder_tokens)
-  logits = _last(logits, lengths)
+  logits = last_logits(logits, lengths)
   if copies > 1:  # beams share the prompt's cache
-    axis = 1 if model.module.config.scan_layers else 0
-    cache = jax.tree.map(lambda x: jnp.repeat(x, copies, axis=axis), cache)
-    logits, lengths = jnp.repeat(logits, copies, 0), jnp.repeat(lengths, copies, 0)
-    if encoder_tokens is not None:
-      encoder_tokens = jnp.repeat(encoder_tokens, copies, 0)
+    cache = repeat_rows(cache, copies, _cache_batch_axis(model))
+    logits, lengths, encoder_tokens = repeat_rows((logits, lengths, encoder_tokens), copies)
   return logits, cache, lengths, encoder_tokens
+
+
+def _cache_batch_axis(model: BaseModel) -> int:
+  return 1 if model.module.config.scan_layers else 0
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'options', 'cache_length'))
@@ -136,14 +152,27 @@ def generate(model: BaseModel, params: Any, prompts: jax.Array, options: DecodeO
              rng: jax.Array | None = None, cache_length: int | None = None) -> Decoded:
   """Decodes `prompts` [batch, P] (right-padded with 0; the encoder inputs for an
   encoder-decoder model). `rng` is required for sampling; the same rng gives the same tokens."""
+  copies = options.num_beams if options.method == 'beam' else 1
+  logits, cache, lengths, encoder_tokens = _prefill(model, params, prompts, options, copies,
+                                                    cache_length)
+
+  def step(cache, tokens, positions):
+    return kv_cache.step(model, params, cache, tokens, positions, encoder_tokens)
+  return search(step, logits, cache, lengths, options, rng, _cache_batch_axis(model))
+
+
+def search(step, logits: jax.Array, cache: Any, lengths: jax.Array, options: DecodeOptions,
+           rng: jax.Array | None = None, cache_batch_axis: int = 0) -> Decoded:
+  """Greedy, sampling or beam search from a prefilled cache. `step(cache, tokens [rows],
+  positions [rows]) -> (logits [rows, V], cache)`; `logits` [rows, V] are the prompts' last
+  logits and `lengths` [rows] their lengths (BOS included); for beam search every row is
+  repeated num_beams times already (repeat_rows), the cache along `cache_batch_axis`."""
   if options.method == 'beam':
-    return _beam_search(model, params, prompts, options, cache_length)
+    return _beam_search(step, logits, cache, lengths, options, cache_batch_axis)
   if options.method == 'sample' and rng is None:
     raise ValueError('Sampling needs an rng.')
   rng = jax.random.key(0) if rng is None else rng
-  logits, cache, lengths, encoder_tokens = _prefill(model, params, prompts, options, 1,
-                                                    cache_length)
-  batch, steps = prompts.shape[0], options.max_decode_length
+  batch, steps = logits.shape[0], options.max_decode_length
   init = dict(i=jnp.int32(0), logits=logits, cache=cache,
               tokens=jnp.zeros((batch, steps), jnp.int32), done=jnp.zeros((batch,), bool),
               scores=jnp.zeros((batch,), jnp.float32), count=jnp.zeros((batch,), jnp.int32))
@@ -157,8 +186,7 @@ def generate(model: BaseModel, params: Any, prompts: jax.Array, options: DecodeO
     tokens = s['tokens'].at[:, s['i']].set(token)
     count = s['count'] + ~s['done']
     done = s['done'] | (token == options.eos_id)
-    logits, cache = kv_cache.step(model, params, s['cache'], token, lengths + s['i'],
-                                  encoder_tokens)
+    logits, cache = step(s['cache'], token, lengths + s['i'])
     return dict(i=s['i'] + 1, logits=logits, cache=cache, tokens=tokens, done=done,
                 scores=scores, count=count)
 
@@ -170,7 +198,7 @@ def _length_penalty(lengths, alpha):
   return ((5.0 + lengths.astype(jnp.float32)) / 6.0)**alpha
 
 
-def _beam_search(model, params, prompts, options: DecodeOptions, cache_length):
+def _beam_search(step, logits, cache, lengths, options: DecodeOptions, batch_axis: int):
   """Beam search over `num_beams` hypotheses per prompt.
 
   Hypotheses that reached EOS stay in the beam with a frozen score (they continue with padding
@@ -179,11 +207,7 @@ def _beam_search(model, params, prompts, options: DecodeOptions, cache_length):
   search, which the tests use.
   """
   k, steps, eos = options.num_beams, options.max_decode_length, options.eos_id
-  batch = prompts.shape[0]
-  logits, cache, lengths, encoder_tokens = _prefill(model, params, prompts, options, k,
-                                                    cache_length)
-  vocab = logits.shape[-1]
-  batch_axis = 1 if model.module.config.scan_layers else 0
+  batch, vocab = logits.shape[0] // k, logits.shape[-1]
   # Only the first copy of each prompt is live at the start, so the beams differ.
   scores = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF), (batch, 1))
   init = dict(i=jnp.int32(0), logits=logits, cache=cache, scores=scores,
@@ -205,8 +229,7 @@ def _beam_search(model, params, prompts, options: DecodeOptions, cache_length):
     done = was_done | (token == eos)
     rows = (jnp.arange(batch)[:, None] * k + parent).reshape(-1)
     cache = jax.tree.map(lambda x: jnp.take(x, rows, axis=batch_axis), s['cache'])
-    logits, cache = kv_cache.step(model, params, cache, token.reshape(-1), lengths + s['i'],
-                                  encoder_tokens)
+    logits, cache = step(cache, token.reshape(-1), lengths + s['i'])
     return dict(i=s['i'] + 1, logits=logits, cache=cache, scores=scores, tokens=tokens,
                 done=done, count=count)
 
