@@ -263,6 +263,12 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def active_mesh_and_rules() -> tuple[jax.sharding.Mesh, Rules] | None:
+  """The mesh and activation rules of the innermost Partitioner.context (None outside one), for
+  code that maps over the mesh itself (shard_map) instead of constraining shardings."""
+  return _ACTIVE.get()
+
+
 def activation_axis_size(logical_axis: str) -> int:
   """How many ways the active rules split activations along `logical_axis` (1 outside a mesh
   context or when it is unsharded)."""

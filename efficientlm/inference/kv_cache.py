@@ -11,6 +11,9 @@ each writing at its own position.
 Decoder-only models: the decoder prompt is [0] + prompt (seqio's decoder inputs begin with the
 pad id 0). Encoder-decoder models: the encoder reads the inputs once during prefill, its
 cross-attention keys and values are cached, and the decoder prompt is [0].
+
+int8 weights (inference.quantization's QuantizedWeight leaves) are passed to the model as they
+are: each layer dequantizes inside its own matmul, so no float copy of the weights is made.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from efficientlm.inference import quantization
 from efficientlm.models.model import BaseModel, EncoderDecoderModel
 
 Cache = Any
@@ -30,14 +32,8 @@ def is_encoder_decoder(model: BaseModel) -> bool:
   return isinstance(model, EncoderDecoderModel)
 
 
-def _floats(model: BaseModel, params):
-  """int8 weights (QuantizedWeight leaves) become the model's activation dtype here, inside
-  the caller's jit, so HBM holds int8 (see quantization)."""
-  return quantization.dequantize_tree(params, model.module.config.activation_dtype)
-
-
 def _apply(model: BaseModel, params, cache, method: str, **kwargs):
-  variables = {'params': _floats(model, params)}
+  variables = {'params': params}
   if cache is not None:
     variables['cache'] = cache
   out, state = model.module.apply(variables, mutable=['cache'], method=method, **kwargs)
@@ -105,7 +101,7 @@ def prefill(model: BaseModel, params, cache: Cache, prompt: jax.Array, prompt_le
   if is_encoder_decoder(model):
     if encoder_tokens is None:
       raise ValueError('An encoder-decoder prefill needs encoder_tokens.')
-    encoded = model.module.apply({'params': _floats(model, params)}, encoder_tokens,
+    encoded = model.module.apply({'params': params}, encoder_tokens,
                                  method='encode')
     return _decoder_call(model, params, cache, prompt, 'prefill', encoder_tokens=encoder_tokens,
                          encoded=encoded, **kwargs)

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efficientlm.inference import quantization
 from efficientlm.layers import initializers
 
 Initializer = Callable[..., jax.Array]
@@ -25,6 +26,8 @@ class DenseGeneral(nn.Module):
   The kernel is stored flattened as [prod(input dims), prod(features)], as T5X/flaxformer store
   it, so T5X checkpoints map 1:1 (e.g. the query kernel is [d_model, heads * head_dim]). It is
   reshaped for the contraction. `kernel_axes` are the logical names of the two stored dims.
+  The stored kernel may be an int8 `QuantizedWeight` (inference.quantization): it stays int8
+  and is dequantized inside the matmul.
   """
 
   features: int | Sequence[int]
@@ -43,12 +46,11 @@ class DenseGeneral(nn.Module):
     in_shape = tuple(inputs.shape[a] for a in axis)
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                         (math.prod(in_shape), math.prod(features)), self.param_dtype)
-    kernel = jnp.asarray(kernel, self.dtype)
-    inputs = jnp.asarray(inputs, self.dtype)
     # One 2D matmul over all leading dims: XLA:CPU runs the kernel gradient of a contraction
     # over several batch dims ([B, L, d] x [B, L, f]) about 2x slower than the same 2D GEMM.
     lead = inputs.shape[:inputs.ndim - len(axis)]
-    out = inputs.reshape(math.prod(lead), kernel.shape[0]) @ kernel
+    out = quantization.matmul(inputs.reshape(math.prod(lead), math.prod(in_shape)), kernel,
+                              self.dtype)
     return out.reshape(lead + features)
 
 

@@ -47,6 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efficientlm.inference import quantization
 from efficientlm.layers.attention import MASK_VALUE
 
 ACTIVATIONS = ('relu', 'linear')
@@ -206,7 +207,8 @@ class EvolvingLogits(nn.Module):
     k = self.config.kernel_size
     # Causal: pad only before, on both axes, so out[q, j] reads x[q-K+1..q, j-K+1..j].
     padding = [(k - 1, 0)] * 2 if self.causal else [(k // 2, k // 2)] * 2
-    y = jax.lax.conv_general_dilated(x, kernel.astype(jnp.float32), window_strides=(1, 1),
+    kernel = quantization.as_float(kernel, jnp.float32)  # int8 when quantize_tree'd
+    y = jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1),
                                      padding=padding,
                                      dimension_numbers=('NCHW', 'HWIO', 'NCHW'))
     y = y + bias.astype(jnp.float32)[None, :, None, None]

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientlm import partitioning
+from efficientlm.inference import quantization
 from efficientlm.layers import initializers
 from efficientlm.layers.mlp import get_activation
 
@@ -148,10 +149,11 @@ class SparseMlpBlock(nn.Module):
     d_model = x.shape[-1]
     fns = [get_activation(a) for a in self.activations]
     names = ['wi'] if len(fns) == 1 else [f'wi_{i}' for i in range(len(fns))]
-    wis = [jnp.asarray(_Kernel((d_model, width), ('embed', 'mlp'), self.kernel_init,
-                               self.param_dtype, name=n)(), self.dtype) for n in names]
-    wo = jnp.asarray(_Kernel((width, d_model), ('mlp', 'embed'), self.kernel_init,
-                             self.param_dtype, name='wo')(), self.dtype)
+    # as_float: int8 kernels (QuantizedWeight, inference.quantization) are dequantized here.
+    wis = [quantization.as_float(_Kernel((d_model, width), ('embed', 'mlp'), self.kernel_init,
+                                         self.param_dtype, name=n)(), self.dtype) for n in names]
+    wo = quantization.as_float(_Kernel((width, d_model), ('mlp', 'embed'), self.kernel_init,
+                                       self.param_dtype, name='wo')(), self.dtype)
     lead = x.shape[:-1]
     flat = jnp.asarray(x, self.dtype).reshape(math.prod(lead), d_model)
     if cfg.all_units:

@@ -8,6 +8,9 @@ MOE_LAYOUTS = ('all', 'mixed', 'every', 'explicit')
 ROUTERS = ('tokens_choose', 'experts_choose')
 DISPATCHES = ('dropping', 'dropless')
 GROUPED_MATMULS = ('auto', 'blocked', 'ragged_dot')
+# How the dropless path moves token-choices between devices of an expert mesh axis
+# (expert_parallel.py).
+DROPLESS_EXCHANGES = ('auto', 'ragged', 'emulated', 'gspmd')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,12 @@ class MoeConfig:
   dispatch: str = 'dropping'
   # The dropless path's grouped matmul: 'auto', 'blocked' or 'ragged_dot' (see grouped_matmul.py).
   grouped_matmul: str = 'auto'
+  # The dropless path under an expert mesh axis of size > 1: a shard_map that sends each
+  # token-choice to its expert's device, by jax.lax.ragged_all_to_all ('ragged', GPU/TPU) or an
+  # all_to_all emulation of it ('emulated', any backend, for CPU tests); 'auto' picks by backend.
+  # 'gspmd' leaves the single-device program to GSPMD (gathers routing indices, all-reduces the
+  # outputs).
+  dropless_exchange: str = 'auto'
   router_jitter: float = 0.0  # Switch: multiplicative noise on the router input in training
   expert_dropout_rate: float = 0.0  # dropout on the experts' hidden units
 
@@ -58,6 +67,8 @@ class MoeConfig:
         (self.dispatch in DISPATCHES, f'dispatch {self.dispatch!r} not in {DISPATCHES}'),
         (self.grouped_matmul in GROUPED_MATMULS,
          f'grouped_matmul {self.grouped_matmul!r} not in {GROUPED_MATMULS}'),
+        (self.dropless_exchange in DROPLESS_EXCHANGES,
+         f'dropless_exchange {self.dropless_exchange!r} not in {DROPLESS_EXCHANGES}'),
         (1 <= self.num_selected_experts <= self.num_experts,
          f'num_selected_experts {self.num_selected_experts} must be in [1, num_experts = '
          f'{self.num_experts}]'),

@@ -8,6 +8,8 @@ combine. Two dispatch implementations:
   'dropless'  MegaBlocks style: every token-choice is kept; choices are sorted by expert, the
               experts run as grouped matmuls over the ragged groups (grouped_matmul.py: a
               blocked loop, or jax.lax.ragged_dot), and the results are unsorted and combined.
+              Under an expert mesh axis the choices travel to their experts' devices by a
+              ragged all-to-all inside a shard_map (expert_parallel.py).
 
 Parameter names follow T5X/flaxformer: mlp/router/router_weights/w/kernel [d, E] and
 mlp/expert/{wi_0, wi_1, wo}/kernel with a leading expert axis. Router losses and statistics are
@@ -19,17 +21,18 @@ hidden activations are scaled by its own learned vector, mlp/expert/ia3_scale [E
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from efficientlm import partitioning
+from efficientlm.inference import quantization
 from efficientlm.layers import ia3
 from efficientlm.layers.dense import DenseGeneral
 from efficientlm.layers.mlp import get_activation
-from efficientlm.layers.moe import routing
+from efficientlm.layers.moe import expert_parallel, routing
 from efficientlm.layers.moe.config import MoeConfig
 from efficientlm.layers.moe.grouped_matmul import grouped_matmul
 
@@ -91,7 +94,9 @@ class Experts(nn.Module):
           for n in names]
     wo = ExpertKernel((self.num_experts, self.intermediate_dim, d),
                       ('expert', 'expert_mlp', 'embed'), self.param_dtype, name='wo')()
-    return [jnp.asarray(w, self.dtype) for w in wi], jnp.asarray(wo, self.dtype)
+    # int8 expert kernels (QuantizedWeight) are converted here, one layer's at a time.
+    as_float = functools.partial(quantization.as_float, dtype=self.dtype)
+    return [as_float(w) for w in wi], as_float(wo)
 
   def _hidden(self, projections, deterministic):
     hidden = None
@@ -102,15 +107,20 @@ class Experts(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,
-               group_sizes: jax.Array | None = None) -> jax.Array:
+               group_sizes: jax.Array | None = None,
+               sharded_dispatch: Callable | None = None) -> jax.Array:
     """x: [E, G, C, d] dispatched slots, or, with `group_sizes` [E], [N, d] rows sorted by
-    expert (the dropless path)."""
+    expert (the dropless path), or, with `sharded_dispatch` (expert_parallel.make_dispatch), the
+    [G, T, d] groups, which that callable moves to the experts' devices and back."""
     wi, wo = self._kernels(x.shape[-1])
     scale = None
     if self.ia3:
       scale = ia3.scale_vector(self, ia3.FF_SCALE, (self.num_experts, self.intermediate_dim),
                                ('expert', 'expert_mlp')).astype(self.dtype)
     x = jnp.asarray(x, self.dtype)
+    if sharded_dispatch is not None:
+      rng = None if deterministic or self.dropout_rate == 0 else self.make_rng('dropout')
+      return sharded_dispatch(x, wi, wo, scale, rng)
     if group_sizes is None:
       # Groups x capacity as one dim: each expert is one batched 2D matmul (XLA:CPU runs kernel
       # gradients contracting two dims about 2x slower).
@@ -206,8 +216,22 @@ class MoeLayer(nn.Module):
     cfg = self.config
     k = cfg.num_selected_experts
     probs = routing.router_probabilities(logits)
-    choice = routing.top_k_assignment(probs, k, cfg.renormalize_gates)
     num_tokens = groups.shape[0] * groups.shape[1]
+    aux = {'router_z_loss': routing.router_z_loss(logits),
+           'fraction_dropped': jnp.zeros((), jnp.float32)}
+    if expert_parallel.applies(cfg.dropless_exchange):
+      # Under an expert mesh axis: a shard_map with a ragged all-to-all (expert_parallel.py).
+      # Top-k runs inside it too (GSPMD would gather the router probabilities for it).
+      dispatch = expert_parallel.make_dispatch(
+          probs=probs, k=k, renormalize_gates=cfg.renormalize_gates,
+          activations=tuple(self.activations), grouped_matmul_implementation=cfg.grouped_matmul,
+          dropout_rate=cfg.expert_dropout_rate, exchange=cfg.dropless_exchange)
+      combined, sizes, expert_index = experts(groups, deterministic, sharded_dispatch=dispatch)
+      aux['load_balancing_loss'] = routing.load_balancing_loss(probs, expert_index)
+      aux['expert_load'] = sizes.astype(jnp.float32) / (num_tokens * k)
+      return combined, aux
+    choice = routing.top_k_assignment(probs, k, cfg.renormalize_gates)
+    aux['load_balancing_loss'] = routing.load_balancing_loss(probs, choice.expert_index)
     tokens = groups.reshape(num_tokens, groups.shape[-1])
     expert_of = choice.expert_index.reshape(num_tokens * k)
     # 2. dispatch: token-choices sorted by expert (stable: position order within an expert).
@@ -220,8 +244,5 @@ class MoeLayer(nn.Module):
     gates = choice.gates.reshape(num_tokens * k)[order]
     combined = jnp.zeros(tokens.shape, out.dtype).at[token_of].add(
         out * gates[:, None].astype(out.dtype))
-    aux = {'load_balancing_loss': routing.load_balancing_loss(probs, choice.expert_index),
-           'router_z_loss': routing.router_z_loss(logits),
-           'fraction_dropped': jnp.zeros((), jnp.float32),
-           'expert_load': sizes.astype(jnp.float32) / (num_tokens * k)}
+    aux['expert_load'] = sizes.astype(jnp.float32) / (num_tokens * k)
     return combined.reshape(groups.shape), aux
