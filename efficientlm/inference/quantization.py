@@ -20,8 +20,8 @@ contractions, e.g. an MLP's `wo`). XLA:CPU cannot fuse the int8 -> float convert
 converted whole, every kernel becomes a float temporary, and XLA schedules all those converts
 at the start of the program (prefill held a float copy of every weight). With tiles the
 compiled program holds no float array of a kernel's shape and reads each weight once, as int8,
-at any row count. On GPU and TPU, XLA fuses the convert into the matmul, so there the kernel is
-converted whole, inside the dot.
+at any row count. On GPU and TPU the kernel is converted whole, inside the dot, where XLA
+can fuse the convert into the matmul (not measured in this project: no accelerator was lent).
 
 Which leaves: every matmul kernel (names ending in `kernel`, 2D or stacked/expert 3D, stored
 [..., in, out]) except the MoE router, whose decisions are sensitive and whose kernel is tiny.

@@ -84,10 +84,25 @@ def test_auto_is_blocked_unless_experts_are_sharded():
 
 
 def test_block_size_heuristic():
-  # A quarter of the mean group size, as a power of two clipped to [64, 256].
-  assert gm.block_size_for(4096, 8) == 128  # mean 512
-  assert gm.block_size_for(4096, 128) == 64  # mean 32
+  # Half the mean group size, as a power of two clipped to [32, 256].
+  assert gm.block_size_for(4096, 8) == 256  # mean 512
+  assert gm.block_size_for(4096, 32) == 64  # mean 128
+  assert gm.block_size_for(4096, 128) == 32  # mean 32
   assert gm.block_size_for(65536, 8) == 256  # mean 8192
+
+
+@pytest.mark.parametrize('sizes', [(10, 0, 25, 15), (0, 0, 0, 0), (50, 0, 0, 0), (1, 1, 1, 1)])
+def test_loop_runs_only_the_blocks_that_exist(sizes):
+  # Trip count sum_g ceil(n_g / block), not the static bound M / block + G; the blocks tile each
+  # group's rows in order.
+  block = 8
+  plan = gm._plan  # pylint: disable=protected-access
+  group, first, end, count = plan(jnp.asarray(sizes, jnp.int32), ROWS, block)
+  want = [(g, start + i) for g, n in enumerate(sizes)
+          for start in [sum(sizes[:g])] for i in range(0, n, block)]
+  assert int(count) == len(want)
+  assert [(int(g), int(f)) for g, f in zip(group[:count], first[:count])] == want
+  assert [int(e) for e in end[:count]] == [sum(sizes[:g + 1]) for g, _ in want]
 
 
 def test_unknown_implementation_is_named():

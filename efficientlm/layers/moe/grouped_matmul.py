@@ -1,18 +1,26 @@
 """Grouped matmul for dropless MoE: rows sorted by expert times that expert's weight.
 
 out[r] = x[r] @ w[g(r)] where rows [start_g, start_g + group_sizes[g]) belong to group g (the
-semantics of jax.lax.ragged_dot; rows past sum(group_sizes) give 0).
+semantics of jax.lax.ragged_dot; rows past sum(group_sizes) give 0). Gradients:
+dx[r] = dy[r] @ w[g(r)]^T and dw[g] = sum over rows r of g of x[r]^T dy[r].
 
 Two implementations:
 
   'ragged_dot'  jax.lax.ragged_dot. TPU compiles it to a grouped-matmul kernel. CPU XLA, and GPU
                 XLA for the weight gradient, expand it into a dense masked dot over all groups:
                 G times the FLOPs and a [G, M, K] temporary.
-  'blocked'     MegaBlocks/megablox-style tiling in plain JAX: each group's rows are cut into
-                blocks of `block_size` rows, and one loop step multiplies one block by its
-                group's weight. Work is (M + G * block_size) * K * N at most, memory O(M * N).
-                The backward pass is one more loop of the same kind computing both gradients
-                (a custom VJP), so no per-step weight copies are saved for it.
+  'blocked'     MegaBlocks/megablox-style tiling in plain JAX (Gale et al. 2022, "MegaBlocks:
+                Efficient Sparse Training with Mixture-of-Experts"): each group's rows are cut
+                into blocks of `block_size` rows, and one loop step multiplies one block by its
+                group's weight. The loop runs only the blocks that exist (a while loop whose trip
+                count is sum_g ceil(group_sizes[g] / block), not the static worst case
+                M / block + G), so work is sum_g ceil(n_g / block) * block * K * N and memory
+                O(M * N). The backward pass is one more loop of the same kind computing both
+                gradients (a custom VJP), so no per-step weight copies are saved for it.
+
+Deviations from MegaBlocks: no block-sparse kernel (XLA has none on CPU); a group's last block
+is not masked in the forward pass and in dx but overwritten by the later blocks that own those
+rows, and the block size is one per call, chosen from the mean group size (block_size_for).
 
 'auto' picks ragged_dot on TPU or when the expert axis is sharded (GSPMD partitions ragged_dot
 over experts, not a loop), blocked otherwise.
@@ -30,31 +38,31 @@ from efficientlm.layers.moe.config import GROUPED_MATMULS
 
 
 def block_size_for(rows: int, groups: int) -> int:
-  """A power of two near a quarter of the mean group size, within [64, 256]: smaller blocks
-  waste less work on each group's last partial block, larger ones pay the per-step loop cost
-  less often (measured on CPU; see benchmarks/moe_bench.py)."""
-  target = rows / groups / 4
-  size = 64
+  """A power of two near half the mean group size, within [32, 256]: smaller blocks waste less
+  work on each group's last partial block, larger ones pay the per-step loop cost (a weight
+  read, and in the backward pass a read-modify-write of dw[g]) less often. Measured on the
+  2-core CPU with benchmarks/moe_bench.py: 32 rows beat 64 at 32 tokens per expert, 64-128
+  beat 32 at 128 per expert, 256 is as good as 512-1024 at 2048 per expert."""
+  target = rows / groups / 2
+  size = 32
   while size < 256 and size * 2 <= target:
     size *= 2
   return size
 
 
 def _plan(group_sizes: jax.Array, rows: int, block: int):
-  """Blocks in row order, a static number of them: each block's group, first row, and the end
-  row of its group. Blocks past the real count get first row `rows` (they write into padding)."""
+  """Blocks in row order: each block's group, first row and its group's end row, as arrays of
+  static length M / block + G, and the number of real blocks (the loops' trip count)."""
   num_groups = group_sizes.shape[0]
   max_blocks = -(-rows // block) + num_groups
   ends = jnp.cumsum(group_sizes)
-  starts = ends - group_sizes
   blocks_per_group = -(-group_sizes // block)
   block_ends = jnp.cumsum(blocks_per_group)
   index = jnp.arange(max_blocks)
   group = jnp.minimum(jnp.searchsorted(block_ends, index, side='right'), num_groups - 1)
   within = index - (block_ends[group] - blocks_per_group[group])
-  real = index < block_ends[-1]
-  first = jnp.where(real, starts[group] + within * block, rows)
-  return group, first, ends[group]
+  first = ends[group] - group_sizes[group] + within * block
+  return group, first, ends[group], block_ends[-1]
 
 
 def _gmm(x, w, group_sizes, block):
@@ -65,42 +73,44 @@ def _gmm(x, w, group_sizes, block):
   at the end), so no step needs a mask.
   """
   rows = x.shape[0]
-  group, first, _ = _plan(group_sizes, rows, block)
+  group, first, _, count = _plan(group_sizes, rows, block)
   x_pad = jnp.pad(x, ((0, block), (0, 0)))  # so no block window is shifted by clamping
   out = jnp.zeros((rows + block, w.shape[-1]), jnp.promote_types(x.dtype, w.dtype))
 
-  def step(out, plan):
-    g, s = plan
+  def step(i, out):
+    s = first[i]
     xb = jax.lax.dynamic_slice_in_dim(x_pad, s, block)
-    yb = jnp.dot(xb, w[g], preferred_element_type=jnp.float32).astype(out.dtype)
-    return jax.lax.dynamic_update_slice_in_dim(out, yb, s, 0), None
+    yb = jnp.dot(xb, w[group[i]], preferred_element_type=jnp.float32).astype(out.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(out, yb, s, 0)
 
-  out, _ = jax.lax.scan(step, out, (group, first))
+  out = jax.lax.fori_loop(0, count, step, out)
   return jnp.where((jnp.arange(rows) < jnp.sum(group_sizes))[:, None], out[:rows], 0)
 
 
 def _gmm_backward(x, w, dy, group_sizes, block):
   """One loop for both gradients: dx[block rows] = dy[block rows] @ w[g]^T (unmasked, as in
-  the forward loop) and dw[g] += x[rows of g]^T dy[rows of g]."""
+  the forward loop) and dw[g] += x[rows of g]^T dy[rows of g] (x masked to the group's rows)."""
   rows = x.shape[0]
-  group, first, end = _plan(group_sizes, rows, block)
+  group, first, end, count = _plan(group_sizes, rows, block)
   x_pad = jnp.pad(x, ((0, block), (0, 0)))
   dy_pad = jnp.pad(dy, ((0, block), (0, 0)))
   dx = jnp.zeros((rows + block, x.shape[1]), x.dtype)
   dw = jnp.zeros(w.shape, jnp.float32)
+  contract_n = (((1,), (1,)), ((), ()))  # dy [B, N] . w[g] [K, N] -> [B, K], no transpose op
+  contract_rows = (((0,), (0,)), ((), ()))  # x [B, K] . dy [B, N] -> [K, N]
 
-  def step(carry, plan):
+  def step(i, carry):
     dx, dw = carry
-    g, s, e = plan
+    g, s = group[i], first[i]
     dyb = jax.lax.dynamic_slice_in_dim(dy_pad, s, block)
-    dxb = jnp.dot(dyb, w[g].T, preferred_element_type=jnp.float32).astype(dx.dtype)
-    in_group = (s + jnp.arange(block) < e)[:, None]
+    dxb = jax.lax.dot_general(dyb, w[g], contract_n, preferred_element_type=jnp.float32)
+    in_group = (s + jnp.arange(block) < end[i])[:, None]
     xb = jnp.where(in_group, jax.lax.dynamic_slice_in_dim(x_pad, s, block), 0)
-    dwb = jnp.dot(xb.T, dyb, preferred_element_type=jnp.float32)
-    return (jax.lax.dynamic_update_slice_in_dim(dx, dxb, s, 0),
-            jax.lax.dynamic_update_index_in_dim(dw, dw[g] + dwb, g, 0)), None
+    dwb = jax.lax.dot_general(xb, dyb, contract_rows, preferred_element_type=jnp.float32)
+    return (jax.lax.dynamic_update_slice_in_dim(dx, dxb.astype(dx.dtype), s, 0),
+            jax.lax.dynamic_update_index_in_dim(dw, dw[g] + dwb, g, 0))
 
-  (dx, dw), _ = jax.lax.scan(step, (dx, dw), (group, first, end))
+  dx, dw = jax.lax.fori_loop(0, count, step, (dx, dw))
   dx = jnp.where((jnp.arange(rows) < jnp.sum(group_sizes))[:, None], dx[:rows], 0)
   return dx, dw.astype(w.dtype)
 
