@@ -35,8 +35,19 @@ def test_dot_product_attention_matches_numpy(kv_heads):
   v = jax.random.normal(keys[2], (2, 7, kv_heads, 4))
   bias = jax.random.normal(keys[3], (1, 8, 5, 7))
   mask = jnp.ones((2, 1, 5, 7), bool).at[1, :, :, 4:].set(False)
-  got = dot_product_attention(q, k, v, mask=mask, bias=bias)
+  got = jax.jit(dot_product_attention)(q, k, v, mask=mask, bias=bias)
   np.testing.assert_allclose(got, numpy_attention(q, k, v, mask, bias), rtol=1e-5, atol=1e-5)
+
+
+def _init(module, seed, *args):
+  """Unboxed params; jitted, as run eagerly init compiles each op as its own program."""
+  init = lambda rng: jax.tree.map(lambda b: b.value, module.init(rng, *args)['params'],
+                                  is_leaf=lambda b: hasattr(b, 'names'))
+  return jax.jit(init)(jax.random.key(seed))
+
+
+def _apply(module, params, *args):
+  return jax.jit(lambda p: module.apply({'params': p}, *args))(params)
 
 
 def _expand_kv_kernel(kernel, kv_heads, heads, head_dim):
@@ -57,16 +68,20 @@ def test_grouped_and_multi_query_equal_multi_head_with_copied_kv(kv_heads, rotar
   mask = jnp.ones((2, 1, x.shape[1], kv_in.shape[1]), bool).at[0, :, :, -2:].set(False)
   bias = jax.random.normal(jax.random.key(2), (1, heads, x.shape[1], kv_in.shape[1]))
   gqa = MultiHeadAttention(heads, head_dim, num_kv_heads=kv_heads, rotary=rotary)
-  params = gqa.init(jax.random.key(3), x, kv_in, mask, bias, pos_q, pos_k)['params']
-  params = jax.tree.map(lambda b: b.value, params, is_leaf=lambda b: hasattr(b, 'names'))
-  mha_params = dict(params)
-  for name in ('key', 'value'):
-    mha_params[name] = {'kernel': _expand_kv_kernel(params[name]['kernel'], kv_heads, heads,
-                                                    head_dim)}
   mha = MultiHeadAttention(heads, head_dim, num_kv_heads=None, rotary=rotary)
   args = (x, kv_in, mask, bias, pos_q, pos_k)
-  np.testing.assert_allclose(gqa.apply({'params': params}, *args),
-                             mha.apply({'params': mha_params}, *args), rtol=1e-5, atol=1e-5)
+
+  @jax.jit  # one program, not one per op
+  def both():
+    params = jax.tree.map(lambda b: b.value, gqa.init(jax.random.key(3), *args)['params'],
+                          is_leaf=lambda b: hasattr(b, 'names'))
+    mha_params = dict(params)
+    for name in ('key', 'value'):
+      mha_params[name] = {'kernel': _expand_kv_kernel(params[name]['kernel'], kv_heads, heads,
+                                                      head_dim)}
+    return gqa.apply({'params': params}, *args), mha.apply({'params': mha_params}, *args)
+
+  np.testing.assert_allclose(*both(), rtol=1e-5, atol=1e-5)
 
 
 def _repeated_kv_shapes(attention_fn):
@@ -97,9 +112,8 @@ def test_runtime_scaling_equals_folded_query_scaling():
   """scale_logits=True with query kernel W equals scale_logits=False with W / sqrt(d)."""
   x = jax.random.normal(jax.random.key(0), (1, 4, 8))
   module = MultiHeadAttention(2, 4, scale_logits=True)
-  params = jax.tree.map(lambda b: b.value, module.init(jax.random.key(1), x, x)['params'],
-                        is_leaf=lambda b: hasattr(b, 'names'))
+  params = _init(module, 1, x, x)
   folded = dict(params, query={'kernel': params['query']['kernel'] * 4**-0.5})
-  np.testing.assert_allclose(module.apply({'params': params}, x, x),
-                             MultiHeadAttention(2, 4).apply({'params': folded}, x, x),
+  np.testing.assert_allclose(_apply(module, params, x, x),
+                             _apply(MultiHeadAttention(2, 4), folded, x, x),
                              rtol=1e-5, atol=1e-6)

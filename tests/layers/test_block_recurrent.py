@@ -167,11 +167,14 @@ def test_recurrent_cell_matches_paper_equations(gate, state_mlp):
   carried = {'started': jnp.ones((2,)), 'state': c0, 'window_keys': to_heads(x_prev, 'key'),
              'window_values': to_heads(x_prev, 'value')}
   y, variables = _run({'params': params, 'recurrent': carried}, x, cfg, mutable=('recurrent',))
+  # Rows picked in numpy: eager jax indexing compiles a program per op and shape.
+  x_prev, x, c0, y = np.asarray(x_prev), np.asarray(x), np.asarray(c0), np.asarray(y)
   for row in range(2):
-    want, c = reference(params, jnp.concatenate([x_prev[row], x[row]]), cfg, c0[row],
+    want, c = reference(params, np.concatenate([x_prev[row], x[row]]), cfg, c0[row],
                         num_previous=W)
     np.testing.assert_allclose(y[row], want, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(variables['recurrent']['state'][row], c, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(variables['recurrent']['state'])[row], c, rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_fresh_start_matches_reference_and_zeros_mean_fresh():
@@ -202,7 +205,7 @@ def test_one_call_equals_block_by_block_calls_carried_in_the_collection():
   for start in range(0, 3 * W, W):
     y, carried = _run({'params': params, **carried}, x[:, start:start + W], mutable=('recurrent',))
     pieces.append(y)
-  np.testing.assert_allclose(jnp.concatenate(pieces, 1), y_whole, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.concatenate(pieces, 1), y_whole, rtol=1e-5, atol=1e-5)
   for name in ('state', 'window_keys', 'window_values'):
     np.testing.assert_allclose(carried['recurrent'][name], whole['recurrent'][name], rtol=1e-5,
                                atol=1e-5)
@@ -235,15 +238,17 @@ def test_prefill_and_steps_reproduce_whole_sequences():
   cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), cache)  # as kv_cache.init_cache
   y, cache = _run({'params': params, **cache}, prompt, decode='prefill', mutable=('cache',),
                   mask=mask)
+  # Slices and rows picked in numpy: eager jax indexing compiles a program per op and shape.
+  y, want, x, lengths = np.asarray(y), np.asarray(want), np.asarray(x), np.asarray(lengths)
   for row, n in enumerate(lengths.tolist()):
     np.testing.assert_allclose(y[row, :n], want[row, :n], rtol=1e-4, atol=1e-5)
 
-  rows = jnp.arange(4)
+  rows = np.arange(4)
   for s in range(total - int(lengths.max())):
     position = lengths + s
     y, cache = _run({'params': params, **cache}, x[rows, position][:, None], decode='step',
                     mutable=('cache',), q_positions=position[:, None])
-    np.testing.assert_allclose(y[:, 0], want[rows, position], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y)[:, 0], want[rows, position], rtol=1e-4, atol=1e-5)
 
 
 def test_gradients_reach_every_parameter_but_not_the_previous_call():
@@ -286,7 +291,8 @@ def test_recurrent_collection_inside_scanned_layers():
   x = _x((2, 2 * W, E))
   # The scanned tree: each single-layer parameter with a leading layer axis (two layers differ).
   (name,) = jax.eval_shape(_Stack().init, jax.random.key(0), x[:, :W])['params']
-  params = {name: jax.tree.map(lambda a: jnp.stack([a, 0.8 * a]), _init())}
+  stack = jax.jit(lambda p: jax.tree.map(lambda a: jnp.stack([a, 0.8 * a]), p))  # one program
+  params = {name: stack(_init())}
   y = jax.jit(_Stack().apply)({'params': params}, x)  # no collection: fresh, nothing written
   apply = jax.jit(functools.partial(_Stack().apply, mutable=['recurrent']))
   shapes = jax.eval_shape(apply, {'params': params}, x[:, :W])[1]
@@ -296,4 +302,4 @@ def test_recurrent_collection_inside_scanned_layers():
   carried = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
   y_first, carried = apply({'params': params, **carried}, x[:, :W])
   y_rest, _ = apply({'params': params, **carried}, x[:, W:])
-  np.testing.assert_allclose(jnp.concatenate([y_first, y_rest], 1), y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.concatenate([y_first, y_rest], 1), y, rtol=1e-5, atol=1e-5)

@@ -79,6 +79,11 @@ def qkv(seed, b=2, length=6, heads=4, kv_heads=2, d=4):
   return q, k, v, bias, previous
 
 
+# Masks built by one program each, not op by op.
+_decoder_mask = jax.jit(masks.make_decoder_mask)
+_attention_mask = jax.jit(masks.make_attention_mask)
+
+
 def padded_mask(b, length, causal, pad=2, prefix=0):
   """Example 1 has its last `pad` positions padded; causal adds the triangle, except among the
   first `prefix` positions (prefix LM)."""
@@ -86,9 +91,9 @@ def padded_mask(b, length, causal, pad=2, prefix=0):
   tokens[1, length - pad:] = 0
   if causal:
     in_prefix = jnp.asarray(np.arange(length) < prefix, jnp.int32)[None].repeat(b, 0)
-    return masks.make_decoder_mask(jnp.asarray(tokens), causal_attention=in_prefix)
+    return _decoder_mask(jnp.asarray(tokens), causal_attention=in_prefix)
   valid = jnp.asarray(tokens > 0)
-  return masks.make_attention_mask(valid, valid)
+  return _attention_mask(valid, valid)
 
 
 class Layer(nn.Module):
@@ -131,7 +136,7 @@ def test_identity_mixing_equals_plain_attention(causal):
   first layer (no previous map) with the default alpha, beta."""
   q, k, v, bias, previous = qkv(0)
   mask = padded_mask(2, 6, causal)
-  plain = dot_product_attention(q, k, v, mask=mask, bias=bias)
+  plain = jax.jit(dot_product_attention)(q, k, v, mask=mask, bias=bias)
   out, passed_on, _ = run(EvolvingAttentionConfig(alpha=0.0, beta=0.0), 4, causal, q, k, v,
                           mask, bias, previous)
   np.testing.assert_allclose(out, plain, **TOL)
@@ -231,7 +236,7 @@ def test_causal_two_layers_never_read_later_tokens(t):
   length = 8
   x = jax.random.normal(jax.random.key(5), (2, length, 8))
   later = x.at[:, t + 1:].set(jax.random.normal(jax.random.key(6), (2, length - t - 1, 8)))
-  mask = masks.make_decoder_mask(jnp.ones((2, length), jnp.int32))
+  mask = _decoder_mask(jnp.ones((2, length), jnp.int32))
   config = EvolvingAttentionConfig(alpha=0.5, beta=0.7, convolve_first_layer=True)
   model = TwoLayers(config, causal=True)
   params = init_two_layers(model, x, mask)
@@ -253,8 +258,7 @@ def test_padding_is_invisible_through_two_layers(causal):
   length, valid_len = 8, 5
   x = jax.random.normal(jax.random.key(7), (1, length, 8))
   tokens = jnp.asarray([[1] * valid_len + [0] * (length - valid_len)])
-  mask = (masks.make_decoder_mask(tokens) if causal else
-          masks.make_attention_mask(tokens > 0, tokens > 0))
+  mask = _decoder_mask(tokens) if causal else _attention_mask(tokens > 0, tokens > 0)
   model = TwoLayers(EvolvingAttentionConfig(alpha=0.4, beta=0.8, convolve_first_layer=True),
                     causal=causal)
   params = init_two_layers(model, x, mask)
@@ -262,8 +266,7 @@ def test_padding_is_invisible_through_two_layers(causal):
   noisy = x.at[:, valid_len:].mul(1e3)
   y_noisy = _apply(model, params, noisy, mask)
   short = jnp.ones((1, valid_len), jnp.int32)
-  short_mask = (masks.make_decoder_mask(short) if causal else
-                masks.make_attention_mask(short > 0, short > 0))
+  short_mask = _decoder_mask(short) if causal else _attention_mask(short > 0, short > 0)
   y_short = _apply(model, params, x[:, :valid_len], short_mask)
   np.testing.assert_allclose(y[:, :valid_len], y_noisy[:, :valid_len], rtol=0, atol=1e-6)
   np.testing.assert_allclose(y[:, :valid_len], y_short, **TOL)
@@ -314,15 +317,15 @@ def test_has_previous_selects_first_layer_or_later_in_one_program(causal):
   logits = jnp.asarray(rng.normal(size=(2, 3, 6, 6)), jnp.float32)
   previous = jnp.asarray(rng.normal(size=(2, 3, 6, 6)), jnp.float32)
   module = EvolvingLogits(EvolvingAttentionConfig(alpha=0.4, beta=0.7), num_heads=3, causal=causal)
-  params = module.init(jax.random.key(0), logits, previous)
+  params = jax.jit(module.init)(jax.random.key(0), logits, previous)
   for convolve_first in (False, True):
     module = EvolvingLogits(EvolvingAttentionConfig(alpha=0.4, beta=0.7,
                                                     convolve_first_layer=convolve_first),
                             num_heads=3, causal=causal)
-    first = module.apply(params, logits, None)
+    first = jax.jit(lambda p: module.apply(p, logits, None))(params)
     traced_first = jax.jit(lambda p, h: module.apply(p, logits, jnp.zeros_like(logits),
                                                      has_previous=h))(params, 0.0)
-    later = module.apply(params, logits, previous)
+    later = jax.jit(lambda p: module.apply(p, logits, previous))(params)
     traced_later = jax.jit(lambda p, h: module.apply(p, logits, previous, has_previous=h))(
         params, 1.0)
     for got, want in ((traced_first, first), (traced_later, later)):

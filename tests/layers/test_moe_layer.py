@@ -1,6 +1,8 @@
 """The MoE layer: dropless equals dropping when nothing drops; identical experts reduce to the
 router probability times a dense MLP; jitter only in training; clear errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +20,10 @@ def _layer(**kw):
   return MoeLayer(MoeConfig(E, layout='all', **kw), F)
 
 
-def _init(layer, x):
-  return partitioning.unbox(layer.init(jax.random.key(1), x)['params'])
+def _init(layer, x, seed=1):
+  # Jitted: run eagerly, init compiles each op of the forward pass as its own program.
+  return jax.jit(lambda rng: partitioning.unbox(layer.init(rng, x)['params']))(
+      jax.random.key(seed))
 
 
 @pytest.mark.parametrize('k,renormalize', [(1, False), (2, False), (2, True)])
@@ -59,13 +63,13 @@ def test_identical_experts_give_router_probability_times_dense_mlp(capacity_fact
   tokens 0. Which tokens are dropped is re-derived here in numpy (position order per group)."""
   x = jax.random.normal(jax.random.key(0), (2, 8, D))
   dense = MlpBlock(F, ('gelu', 'linear'))
-  dense_params = partitioning.unbox(dense.init(jax.random.key(2), x)['params'])
+  dense_params = _init(dense, x, seed=2)
   layer = _layer(eval_capacity_factor=capacity_factor, min_expert_capacity=1)
   params = _init(layer, x)
   params['expert'] = {name: {'kernel': jnp.stack([dense_params[name]['kernel']] * E)}
                       for name in ('wi_0', 'wi_1', 'wo')}
-  y = np.asarray(layer.apply({'params': params}, x, mutable=['moe'])[0])
-  mlp = np.asarray(dense.apply({'params': dense_params}, x))
+  y = np.asarray(jax.jit(lambda p: layer.apply({'params': p}, x, mutable=['moe'])[0])(params))
+  mlp = np.asarray(jax.jit(lambda p: dense.apply({'params': p}, x))(dense_params))
 
   probs = _softmax(np.asarray(x) @ np.asarray(params['router']['router_weights']['w']['kernel']))
   capacity = max(round(capacity_factor * 8 / E), 1)
@@ -92,9 +96,8 @@ def test_groups_of_at_most_a_given_size(max_group_size, groups):
   # The fewest groups of at most max_group_size tokens that split the 12 tokens evenly.
   assert grouped._groups(x).shape == (groups, 12 // groups, D)  # pylint: disable=protected-access
   # Nothing drops either way, so regrouping the 12 tokens leaves every output unchanged.
-  np.testing.assert_allclose(grouped.apply({'params': params}, x, mutable=['moe'])[0],
-                             per_sequence.apply({'params': params}, x, mutable=['moe'])[0],
-                             atol=1e-6)
+  run = lambda layer: jax.jit(lambda p: layer.apply({'params': p}, x, mutable=['moe'])[0])(params)
+  np.testing.assert_allclose(run(grouped), run(per_sequence), atol=1e-6)
 
 
 def test_router_jitter_only_in_training():
@@ -102,6 +105,7 @@ def test_router_jitter_only_in_training():
   layer = _layer(router_jitter=0.5, train_capacity_factor=8.0, eval_capacity_factor=8.0)
   params = _init(layer, x)
 
+  @functools.partial(jax.jit, static_argnums=0)
   def run(deterministic, key):
     return layer.apply({'params': params}, x, deterministic, mutable=['moe'],
                        rngs={'jitter': jax.random.key(key)})[0]

@@ -24,8 +24,10 @@ CAUSAL = {0: 0, -1: 1, -15: 15, -16: 16, -32: 21, -64: 26, -127: 31, -128: 31, -
 @pytest.mark.parametrize('bidirectional,expected', [(True, BIDIRECTIONAL), (False, CAUSAL)])
 def test_buckets_match_hand_computed(bidirectional, expected):
   rel = jnp.array(list(expected), jnp.int32)
-  got = relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=32,
-                                 max_distance=128)
+  # Jitted here and below: one program, not one per op.
+  bucket = jax.jit(relative_position_bucket,
+                   static_argnames=('bidirectional', 'num_buckets', 'max_distance'))
+  got = bucket(rel, bidirectional=bidirectional, num_buckets=32, max_distance=128)
   assert dict(zip(expected, np.asarray(got).tolist())) == expected
 
 
@@ -34,8 +36,9 @@ def test_bias_reads_table_at_bucket():
   table = np.arange(heads * buckets, dtype=np.float32).reshape(heads, buckets)
   module = RelativePositionBias(heads, buckets, 128)
   pos = jnp.arange(20)[None]
-  bias = module.apply({'params': {'rel_embedding': table}}, pos, pos, True)
+  bias = jax.jit(lambda p: module.apply(p, pos, pos, True))({'params': {'rel_embedding': table}})
   assert bias.shape == (1, heads, 20, 20)
+  bias = np.asarray(bias)
   for (q, k) in [(0, 0), (1, 0), (0, 1), (8, 0), (0, 8), (12, 0), (16, 0), (19, 3), (0, 16)]:
     np.testing.assert_array_equal(bias[0, :, q, k], table[:, BIDIRECTIONAL[k - q]])
 
@@ -44,7 +47,7 @@ def test_rotary_pair_rotation_closed_form():
   # head_dim 2: one pair rotated by angle = position (inverse frequency 1).
   x = jnp.array([[[[0.3, -1.2]]]] * 4).reshape(1, 4, 1, 2)
   positions = jnp.array([[0, 1, 2, 7]])
-  out = np.asarray(apply_rotary(x, positions))
+  out = np.asarray(jax.jit(apply_rotary)(x, positions))
   for i, p in enumerate([0, 1, 2, 7]):
     a, b = 0.3, -1.2
     np.testing.assert_allclose(out[0, i, 0], [a * math.cos(p) - b * math.sin(p),
@@ -58,14 +61,16 @@ def test_rotary_scores_depend_only_on_offset():
   k = jax.random.normal(kk, (1, 6, 2, 16))
   pos = jnp.arange(6)[None]
 
+  @jax.jit
   def scores(shift):
     rq, rk = apply_rotary(q, pos + shift), apply_rotary(k, pos + shift)
     return jnp.einsum('bqhd,bkhd->bhqk', rq, rk)
 
   np.testing.assert_allclose(scores(0), scores(37), rtol=1e-4, atol=1e-4)
   # ... and rotation preserves norms.
-  np.testing.assert_allclose(jnp.linalg.norm(apply_rotary(q, pos), axis=-1),
-                             jnp.linalg.norm(q, axis=-1), rtol=1e-5)
+  norms = jax.jit(lambda q: (jnp.linalg.norm(apply_rotary(q, pos), axis=-1),
+                             jnp.linalg.norm(q, axis=-1)))
+  np.testing.assert_allclose(*norms(q), rtol=1e-5)
 
 
 def test_rotary_rejects_odd_head_dim():

@@ -14,6 +14,19 @@ import pytest
 from efficientlm.layers.moe import routing
 
 
+
+# The routers run jitted (one program each, cached across tests by shape and static arguments),
+# not op by op; test_everything_jits and the error tests call them eagerly.
+_tokens_choose = jax.jit(routing.tokens_choose,
+                         static_argnames=('capacity', 'k', 'renormalize', 'batch_prioritized'))
+_experts_choose = jax.jit(routing.experts_choose, static_argnames='capacity')
+_top_k_assignment = jax.jit(routing.top_k_assignment, static_argnames=('k', 'renormalize'))
+_router_probabilities = jax.jit(routing.router_probabilities)
+_router_z_loss = jax.jit(routing.router_z_loss)
+_load_balancing_loss = jax.jit(routing.load_balancing_loss)
+_jitter = jax.jit(routing.jitter, static_argnames='eps')
+
+
 def _logits(probs):
   """[G, T, E] log-probabilities (rows of probs sum to 1), so softmax(logits) == probs."""
   return jnp.log(jnp.asarray(probs, jnp.float32))
@@ -38,7 +51,7 @@ TOP1_PROBS = [[0.6, 0.3, 0.1],
 def test_top1_fills_slots_in_position_order_and_drops_the_late_token():
   # Group 1 holds the same tokens in reverse order; capacity 2 is per group.
   probs = np.array([TOP1_PROBS, TOP1_PROBS[::-1]])
-  got = routing.tokens_choose(_logits(probs), capacity=2)
+  got = _tokens_choose(_logits(probs), capacity=2)
   expected = _mask((2, 5, 3, 2), [
       (0, 0, 0, 0), (0, 1, 1, 0), (0, 2, 0, 1), (0, 4, 2, 0),  # token 3 (e0, third) dropped
       (1, 0, 2, 0), (1, 1, 0, 0), (1, 2, 0, 1), (1, 3, 1, 0),  # token 4 (e0, third) dropped
@@ -52,10 +65,10 @@ def test_top1_fills_slots_in_position_order_and_drops_the_late_token():
 
 def test_top1_combine_weights_are_the_softmax_of_the_logits():
   logits = jnp.array([[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]])
-  got = routing.tokens_choose(logits, capacity=4)
+  got = _tokens_choose(logits, capacity=4)
   first = [math.exp(x) / (math.exp(1.0) + math.exp(2.0) + math.exp(0.5)) for x in (1.0, 2.0, 0.5)]
   second = [math.exp(x) / (1.0 + math.exp(-1.0) + math.exp(3.0)) for x in (0.0, -1.0, 3.0)]
-  np.testing.assert_allclose(routing.router_probabilities(logits), [[first, second]], rtol=1e-6)
+  np.testing.assert_allclose(_router_probabilities(logits), [[first, second]], rtol=1e-6)
   expected = np.zeros((1, 2, 3, 4))
   expected[0, 0, 1, 0], expected[0, 1, 2, 0] = first[1], second[2]
   np.testing.assert_allclose(got.combine_weights, expected, rtol=1e-6)
@@ -64,7 +77,7 @@ def test_top1_combine_weights_are_the_softmax_of_the_logits():
 
 def test_batch_prioritized_drops_the_least_confident_tokens():
   probs = np.array([TOP1_PROBS])
-  got = routing.tokens_choose(_logits(probs), capacity=2, batch_prioritized=True)
+  got = _tokens_choose(_logits(probs), capacity=2, batch_prioritized=True)
   # Expert 0's tokens by top-1 probability: t3 (0.8), t0 (0.6), then t2 (0.5) is dropped.
   expected = _mask((1, 5, 3, 2), [(0, 3, 0, 0), (0, 0, 0, 1), (0, 1, 1, 0), (0, 4, 2, 0)])
   np.testing.assert_array_equal(got.dispatch_mask, expected)
@@ -75,11 +88,11 @@ def test_batch_prioritized_drops_the_least_confident_tokens():
 def test_batch_prioritized_breaks_ties_by_position():
   # t1 and t2 tie at 0.7 for expert 0; t3 (0.9) goes first, then t1 takes the last slot.
   probs = np.array([[[0.4, 0.6], [0.7, 0.3], [0.7, 0.3], [0.9, 0.1]]])
-  prioritized = routing.tokens_choose(_logits(probs), capacity=2, batch_prioritized=True)
+  prioritized = _tokens_choose(_logits(probs), capacity=2, batch_prioritized=True)
   np.testing.assert_array_equal(prioritized.dispatch_mask, _mask(
       (1, 4, 2, 2), [(0, 0, 1, 0), (0, 3, 0, 0), (0, 1, 0, 1)]))
   # In position order the late, most confident t3 is the one dropped.
-  in_order = routing.tokens_choose(_logits(probs), capacity=2)
+  in_order = _tokens_choose(_logits(probs), capacity=2)
   np.testing.assert_array_equal(in_order.dispatch_mask, _mask(
       (1, 4, 2, 2), [(0, 0, 1, 0), (0, 1, 0, 0), (0, 2, 0, 1)]))
 
@@ -97,7 +110,7 @@ TOP2_KEPT = [(0, 0, 0, 0), (0, 1, 1, 0), (0, 2, 1, 1), (0, 3, 2, 0), (0, 1, 0, 1
 @pytest.mark.parametrize('renormalize', [False, True])
 def test_top2_second_choices_wait_for_all_first_choices(renormalize):
   probs = np.array([TOP2_PROBS])
-  got = routing.tokens_choose(_logits(probs), capacity=2, k=2, renormalize=renormalize)
+  got = _tokens_choose(_logits(probs), capacity=2, k=2, renormalize=renormalize)
   expected = _mask((1, 4, 3, 2), TOP2_KEPT)
   np.testing.assert_array_equal(got.dispatch_mask, expected)
   # Renormalized gates divide by the token's top-2 sum (before any drop): 0.8, 0.9, 0.9, 0.9.
@@ -112,25 +125,25 @@ def test_top2_second_choices_wait_for_all_first_choices(renormalize):
 
 def test_top_k_assignment_gates_best_first_and_renormalized():
   probs = jnp.array([TOP2_PROBS])
-  plain = routing.top_k_assignment(probs, k=2)
+  plain = _top_k_assignment(probs, k=2)
   np.testing.assert_array_equal(plain.expert_index, [[[0, 1], [1, 0], [1, 0], [2, 1]]])
   assert plain.expert_index.dtype == jnp.int32
   np.testing.assert_allclose(plain.gates, [[[0.5, 0.3], [0.6, 0.3], [0.7, 0.2], [0.6, 0.3]]],
                              rtol=1e-6)
-  renormalized = routing.top_k_assignment(probs, k=2, renormalize=True)
+  renormalized = _top_k_assignment(probs, k=2, renormalize=True)
   np.testing.assert_allclose(renormalized.gates,
                              [[[5 / 8, 3 / 8], [2 / 3, 1 / 3], [7 / 9, 2 / 9], [2 / 3, 1 / 3]]],
                              rtol=1e-6)
   for k in (0, 4):
     with pytest.raises(ValueError, match='between 1 and num_experts=3'):
-      routing.top_k_assignment(probs, k=k)
+      _top_k_assignment(probs, k=k)
 
 
 def test_experts_choose_takes_each_experts_most_probable_tokens():
   # Expert 0 ranks t0 (0.6), then t2 and t3 tie at 0.5: t2 by position. Expert 1 ranks t1 (0.8),
   # then t2 over t3 again. t2 goes to both experts, t3 to none.
   probs = np.array([[[0.6, 0.4], [0.2, 0.8], [0.5, 0.5], [0.5, 0.5]]])
-  got = routing.experts_choose(_logits(probs), capacity=2)
+  got = _experts_choose(_logits(probs), capacity=2)
   expected = _mask((1, 4, 2, 2), [(0, 0, 0, 0), (0, 2, 0, 1), (0, 1, 1, 0), (0, 2, 1, 1)])
   np.testing.assert_array_equal(got.dispatch_mask, expected)
   np.testing.assert_allclose(got.combine_weights, np.where(expected, probs[..., None], 0.0),
@@ -142,7 +155,7 @@ def test_experts_choose_takes_each_experts_most_probable_tokens():
 
 def test_experts_choose_capacity_above_group_size_leaves_slots_empty():
   probs = np.array([[[0.3, 0.7], [0.9, 0.1]]])
-  got = routing.experts_choose(_logits(probs), capacity=3)
+  got = _experts_choose(_logits(probs), capacity=3)
   np.testing.assert_array_equal(got.dispatch_mask, _mask(
       (1, 2, 2, 3), [(0, 1, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 1, 1)]))
   assert float(got.aux['fraction_dropped']) == 0.0
@@ -152,10 +165,10 @@ def test_load_balancing_loss_closed_forms():
   num_experts = 4
   uniform = jnp.full((2, 8, num_experts), 1 / num_experts)
   balanced = jnp.tile(jnp.arange(num_experts), (2, 2))[..., None]  # each expert 2 tokens/group
-  np.testing.assert_allclose(routing.load_balancing_loss(uniform, balanced), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(_load_balancing_loss(uniform, balanced), 1.0, rtol=1e-6)
   collapsed = jnp.zeros((2, 8, num_experts)).at[..., 1].set(1.0)
   to_one = jnp.ones((2, 8, 1), jnp.int32)
-  np.testing.assert_allclose(routing.load_balancing_loss(collapsed, to_one), num_experts,
+  np.testing.assert_allclose(_load_balancing_loss(collapsed, to_one), num_experts,
                              rtol=1e-6)
 
 
@@ -164,8 +177,8 @@ def test_load_balancing_loss_by_hand_counts_choices_before_drops():
   by_hand = 3**2 * (0.6 * 0.44 + 0.2 * 0.3 + 0.2 * 0.26) / 3
   probs = jnp.array([TOP1_PROBS])
   index = jnp.array([[[0], [1], [0], [0], [2]]])
-  np.testing.assert_allclose(routing.load_balancing_loss(probs, index), by_hand, rtol=1e-6)
-  got = routing.tokens_choose(_logits(probs), capacity=2)
+  np.testing.assert_allclose(_load_balancing_loss(probs, index), by_hand, rtol=1e-6)
+  got = _tokens_choose(_logits(probs), capacity=2)
   np.testing.assert_allclose(got.aux['load_balancing_loss'], by_hand, rtol=1e-5)
 
 
@@ -174,8 +187,8 @@ def test_router_z_loss_is_mean_squared_log_sum_exp():
   by_hand = np.mean([math.log(sum(math.exp(x) for x in row))**2
                      for rows in groups for row in rows])
   logits = jnp.array(groups)
-  np.testing.assert_allclose(routing.router_z_loss(logits), by_hand, rtol=1e-6)
-  for route in (routing.tokens_choose(logits, 2), routing.experts_choose(logits, 2)):
+  np.testing.assert_allclose(_router_z_loss(logits), by_hand, rtol=1e-6)
+  for route in (_tokens_choose(logits, 2), _experts_choose(logits, 2)):
     np.testing.assert_allclose(route.aux['router_z_loss'], by_hand, rtol=1e-6)
 
 
@@ -223,16 +236,16 @@ def test_shape_errors():
 def test_jitter_bounds_spread_and_determinism():
   x = jnp.linspace(-3.0, 3.0, 10_000).astype(jnp.float32)
   eps = 0.1
-  y = routing.jitter(x, jax.random.key(0), eps)
-  assert routing.jitter(x, jax.random.key(0), 0.0) is x
-  np.testing.assert_array_equal(y, routing.jitter(x, jax.random.key(0), eps))
-  assert not np.array_equal(y, routing.jitter(x, jax.random.key(1), eps))
+  y = _jitter(x, jax.random.key(0), eps)
+  assert routing.jitter(x, jax.random.key(0), 0.0) is x  # eager: jit would return a copy
+  np.testing.assert_array_equal(y, _jitter(x, jax.random.key(0), eps))
+  assert not np.array_equal(y, _jitter(x, jax.random.key(1), eps))
   ratio = np.asarray(y / x)
   # Multiplicative Uniform(1 - eps, 1 + eps): within the bounds, reaching near both, mean 1.
   assert ratio.min() >= 1 - eps - 1e-6 and ratio.max() <= 1 + eps + 1e-6
   assert ratio.min() < 1 - 0.9 * eps and ratio.max() > 1 + 0.9 * eps
   assert abs(ratio.mean() - 1.0) < 5e-3
-  bf16 = routing.jitter(x.astype(jnp.bfloat16), jax.random.key(0), eps)
+  bf16 = _jitter(x.astype(jnp.bfloat16), jax.random.key(0), eps)
   assert bf16.dtype == jnp.bfloat16
 
 
@@ -245,14 +258,14 @@ def test_jitter_rejects_bad_eps(eps):
 def test_router_math_is_float32_for_bfloat16_logits():
   logits32 = jnp.array([[[1.0, 2.0, 0.5, -1.0], [0.25, -3.0, 3.0, 1.5]]])
   logits16 = logits32.astype(jnp.bfloat16)  # these values are exact in bfloat16
-  probs = routing.router_probabilities(logits16)
+  probs = _router_probabilities(logits16)
   assert probs.dtype == jnp.float32
-  np.testing.assert_allclose(probs, routing.router_probabilities(logits32), rtol=1e-7)
-  assert routing.top_k_assignment(probs, 2).gates.dtype == jnp.float32
-  for route in (routing.tokens_choose(logits16, 2, k=2), routing.experts_choose(logits16, 2)):
+  np.testing.assert_allclose(probs, _router_probabilities(logits32), rtol=1e-7)
+  assert _top_k_assignment(probs, 2).gates.dtype == jnp.float32
+  for route in (_tokens_choose(logits16, 2, k=2), _experts_choose(logits16, 2)):
     assert route.combine_weights.dtype == jnp.float32 and route.dispatch_mask.dtype == jnp.bool_
     assert all(value.dtype == jnp.float32 for value in route.aux.values())
-  np.testing.assert_allclose(routing.router_z_loss(logits16), routing.router_z_loss(logits32),
+  np.testing.assert_allclose(_router_z_loss(logits16), _router_z_loss(logits32),
                              rtol=1e-7)
 
 

@@ -26,6 +26,11 @@ def _u(seed, shape):
   return jax.random.normal(jax.random.key(seed), shape)
 
 
+def _init(module, x):
+  # Jitted: run eagerly, init compiles each op of the forward pass as its own program.
+  return jax.jit(lambda rng: partitioning.unbox(module.init(rng, x)))(jax.random.key(0))
+
+
 def _direct_conv(u, k):
   """y_t = sum_{l<=t} k_l u_{t-l}: float64 loops."""
   u, k = np.asarray(u, np.float64), np.asarray(k, np.float64)
@@ -40,7 +45,7 @@ def _direct_conv(u, k):
 @pytest.mark.parametrize('length,kernel_length', [(13, 13), (16, 5), (7, 1)])
 def test_fft_convolution_equals_direct_causal_convolution(length, kernel_length):
   u, k = _u(0, (2, length, 3)), _u(1, (3, kernel_length))
-  np.testing.assert_allclose(ssm.causal_fft_conv(u, k), _direct_conv(u, k), **TOL)
+  np.testing.assert_allclose(jax.jit(ssm.causal_fft_conv)(u, k), _direct_conv(u, k), **TOL)
 
 
 def test_shift_convolution_equals_its_definition():
@@ -48,6 +53,7 @@ def test_shift_convolution_equals_its_definition():
   np.testing.assert_allclose(jax.jit(ssm.shift_conv)(u, taps), _direct_conv(u, taps), **TOL)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))  # one program, not one per random op
 def _params(seed, channels, modes):
   """Random S4D parameters in the module's layout (plain arrays)."""
   keys = jax.random.split(jax.random.key(seed), 4)
@@ -94,28 +100,37 @@ def test_parallel_ssm_equals_the_recurrence(convolution, block):
   np.testing.assert_allclose(y, _numpy_ssm(u, params['params'], repeat=2), **TOL)
 
 
-@pytest.mark.parametrize('block', [1, 3, 8, 64])
-def test_state_passing_blocks_equal_the_one_shot_fft(block):
+@functools.cache  # the same for every block size: computed (and compiled) once
+def _discretized_and_one_shot_fft():
   config = SsmConfig(state_size=8)
   module, params = _ssm_module(config, 4)
-  dta, c, _ = module.apply(params, method='discretized')
+  dta, c, _ = jax.jit(functools.partial(module.apply, method='discretized'))(params)
   u = _u(8, (2, 24, 4))
+  one_shot = jax.jit(lambda u, dta, c: ssm.causal_fft_conv(u, ssm.kernel(dta, c, 24)))
+  return u, dta, c, one_shot(u, dta, c)
+
+
+@pytest.mark.parametrize('block', [1, 3, 8, 64])
+def test_state_passing_blocks_equal_the_one_shot_fft(block):
+  u, dta, c, one_shot = _discretized_and_one_shot_fft()
   np.testing.assert_allclose(jax.jit(ssm.blocked_conv, static_argnums=3)(u, dta, c, block),
-                             ssm.causal_fft_conv(u, ssm.kernel(dta, c, 24)), **TOL)
+                             one_shot, **TOL)
 
 
 def test_recurrent_steps_and_state_after_a_prefix_equal_the_parallel_outputs():
   config = SsmConfig(state_size=8)
   module, params = _ssm_module(config, 3)
   u = _u(3, (2, 12, 3))
-  parallel = module.apply(params, u)
+  parallel = jax.jit(module.apply)(params, u)
   lengths = jnp.array([5, 9])
-  state = module.apply(params, u, lengths, method='state_after')
+  state = jax.jit(functools.partial(module.apply, method='state_after'))(params, u, lengths)
   step = jax.jit(functools.partial(module.apply, method='step'))
+  # Rows and positions picked in numpy: eager jax indexing compiles a program per op.
+  u, parallel, rows = np.asarray(u), np.asarray(parallel), np.arange(2)
   for i in range(3):  # each row continues from its own length
-    t = lengths + i
-    y, state = step(params, state, u[jnp.arange(2), t])
-    np.testing.assert_allclose(y, parallel[jnp.arange(2), t], **TOL)
+    t = np.asarray(lengths) + i
+    y, state = step(params, state, u[rows, t])
+    np.testing.assert_allclose(y, parallel[rows, t], **TOL)
 
 
 # --- H3 -----------------------------------------------------------------------------------------
@@ -152,7 +167,7 @@ def _h3(head_dim=2, convolution='fft', decode=None):
 def test_h3_equals_algorithm_1(head_dim, convolution):
   module = _h3(head_dim, convolution)
   x = _u(4, (2, 7, 5))
-  params = partitioning.unbox(module.init(jax.random.key(0), x))
+  params = _init(module, x)
   np.testing.assert_allclose(jax.jit(module.apply)(params, x),
                              _numpy_h3(x, params['params'], head_dim), **TOL)
 
@@ -160,24 +175,32 @@ def test_h3_equals_algorithm_1(head_dim, convolution):
 def _decode_matches_parallel(make, x, lengths):
   """init -> prefill(right-padded prompts of `lengths`) -> steps, against the parallel
   outputs at the same positions."""
-  params = partitioning.unbox(make(None).init(jax.random.key(0), x))
-  parallel = make(None).apply(params, x)
   batch, length = x.shape[:2]
-  valid = jnp.arange(length)[None] < lengths[:, None]
-  ids = jnp.where(valid, 1, 0)
-  mask = ssm_mask(ids)
-  cache = make('init').apply(params, x, mutable=['cache'])[1]['cache']
-  prompt = jnp.where(valid[..., None], x, 0.0)
-  _, state = make('prefill').apply({**params, 'cache': cache}, prompt, mask=mask,
-                                   mutable=['cache'])
+
+  @jax.jit  # everything before the steps as one program, not one per op
+  def prefill(x, lengths):
+    params = partitioning.unbox(make(None).init(jax.random.key(0), x))
+    parallel = make(None).apply(params, x)
+    valid = jnp.arange(length)[None] < lengths[:, None]
+    ids = jnp.where(valid, 1, 0)
+    mask = ssm_mask(ids)
+    cache = make('init').apply(params, x, mutable=['cache'])[1]['cache']
+    prompt = jnp.where(valid[..., None], x, 0.0)
+    _, state = make('prefill').apply({**params, 'cache': cache}, prompt, mask=mask,
+                                     mutable=['cache'])
+    return params, parallel, state
+
+  params, parallel, state = prefill(x, lengths)
   step = jax.jit(lambda c, xt: make('step').apply({**params, 'cache': c}, xt, mutable=['cache']))
   cache = state['cache']
-  rows = jnp.arange(batch)
+  # Rows and positions picked in numpy: eager jax indexing compiles a program per op.
+  x, parallel, lengths = np.asarray(x), np.asarray(parallel), np.asarray(lengths)
+  rows = np.arange(batch)
   for i in range(length - int(lengths.max())):
     t = lengths + i
     out, state = step(cache, x[rows, t][:, None])
     cache = state['cache']
-    np.testing.assert_allclose(out[:, 0], parallel[rows, t], **TOL)
+    np.testing.assert_allclose(np.asarray(out)[:, 0], parallel[rows, t], **TOL)
 
 
 def ssm_mask(ids):
@@ -193,7 +216,7 @@ def test_h3_recurrent_decoding_equals_the_parallel_outputs():
 def _numpy_gss(x, p):
   x = np.asarray(x, np.float64)
   w = {n: np.asarray(p[n]['kernel'], np.float64) for n in ('gate', 'ssm_in', 'ssm_out', 'out')}
-  gelu = lambda z: np.asarray(jax.nn.gelu(jnp.asarray(z)), np.float64)
+  gelu = lambda z: np.asarray(jax.jit(jax.nn.gelu)(jnp.asarray(z)), np.float64)
   v, u = gelu(x @ w['gate']), gelu(x @ w['ssm_in'])
   y = _numpy_ssm(u, p['ssm'])
   return ((y @ w['ssm_out']) * v) @ w['out']
@@ -205,7 +228,7 @@ def _gss(decode=None):
 
 def test_gss_equals_its_definition_and_decodes_recurrently():
   x = _u(6, (2, 8, 4))
-  params = partitioning.unbox(_gss().init(jax.random.key(0), x))
+  params = _init(_gss(), x)
   np.testing.assert_allclose(jax.jit(_gss().apply)(params, x), _numpy_gss(x, params['params']),
                              **TOL)
   _decode_matches_parallel(_gss, x, jnp.array([3, 5]))
@@ -218,7 +241,7 @@ def test_no_output_depends_on_a_later_input(make):
   kernel's scale; a causality bug would give weights of the kernel's own size."""
   module = make()
   x = _u(7, (1, 10, 4))
-  params = partitioning.unbox(module.init(jax.random.key(0), x))
+  params = _init(module, x)
   t = 6
   outputs_before_t = lambda z: module.apply(params, z)[0, :t].sum()
   jacobian = np.abs(np.asarray(jax.jit(jax.jacfwd(outputs_before_t))(x)))
