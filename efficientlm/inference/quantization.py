@@ -4,9 +4,10 @@ As in Pope et al. 2022 (section 3.5) for low-latency decoding: the matmul weight
 int8 with one float scale per output channel, which quarters the bytes read per decode step
 relative to float32 (halves them relative to bf16). Quantized leaves are `QuantizedWeight`s and
 stay in the parameter tree as they are: `DenseGeneral` takes one and multiplies through
-`matmul`, so no float copy of the weight tree exists. Kernels read otherwise (MoE experts' grouped
-matmuls, the sparse FFN's gathered units, convolutions) go through `as_float`: converted whole,
-one layer's at a time.
+`matmul`, so no float copy of the weight tree exists; so does the dropless MoE's blocked grouped
+matmul, per block with its expert's kernel. Kernels read otherwise (the dropping MoE path's
+einsums, the expert-parallel shard_map, the sparse FFN's gathered units, convolutions) go
+through `as_float`: converted whole, one layer's at a time.
 
 The scale is per output channel, so it commutes with the contraction:
 

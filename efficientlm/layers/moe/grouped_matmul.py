@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientlm import partitioning
+from efficientlm.inference import quantization
 from efficientlm.layers.moe.config import GROUPED_MATMULS
 
 
@@ -65,6 +66,15 @@ def _plan(group_sizes: jax.Array, rows: int, block: int):
   return group, first, ends[group], block_ends[-1]
 
 
+def _block_product(xb, w, g):
+  """xb @ w[g]; for an int8 QuantizedWeight through quantization.matmul, which converts the
+  expert's kernel tile by tile (no float copy of it) and scales after the product."""
+  if quantization.is_quantized(w):
+    one = quantization.QuantizedWeight(values=w.values[g], scale=w.scale[g])
+    return quantization.matmul(xb, one, xb.dtype)
+  return jnp.dot(xb, w[g], preferred_element_type=jnp.float32)
+
+
 def _gmm(x, w, group_sizes, block):
   """Forward loop: out[block rows] = x[block rows] @ w[group].
 
@@ -75,12 +85,13 @@ def _gmm(x, w, group_sizes, block):
   rows = x.shape[0]
   group, first, _, count = _plan(group_sizes, rows, block)
   x_pad = jnp.pad(x, ((0, block), (0, 0)))  # so no block window is shifted by clamping
-  out = jnp.zeros((rows + block, w.shape[-1]), jnp.promote_types(x.dtype, w.dtype))
+  dtype = x.dtype if quantization.is_quantized(w) else jnp.promote_types(x.dtype, w.dtype)
+  out = jnp.zeros((rows + block, w.shape[-1]), dtype)
 
   def step(i, out):
     s = first[i]
     xb = jax.lax.dynamic_slice_in_dim(x_pad, s, block)
-    yb = jnp.dot(xb, w[group[i]], preferred_element_type=jnp.float32).astype(out.dtype)
+    yb = _block_product(xb, w, group[i]).astype(out.dtype)
     return jax.lax.dynamic_update_slice_in_dim(out, yb, s, 0)
 
   out = jax.lax.fori_loop(0, count, step, out)
@@ -137,7 +148,11 @@ blocked_grouped_matmul.defvjp(_fwd, _bwd)
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
                    implementation: str = 'auto', block_size: int | None = None) -> jax.Array:
-  """x [M, K] with rows sorted by group, w [G, K, N], group_sizes [G] -> [M, N]."""
+  """x [M, K] with rows sorted by group, w [G, K, N], group_sizes [G] -> [M, N].
+
+  w may be an int8 quantization.QuantizedWeight (inference: no gradient): the blocked loop then
+  multiplies each block by its expert's int8 kernel tile by tile; ragged_dot gets the kernel
+  converted whole (where XLA can fuse the convert into its kernel)."""
   if implementation not in GROUPED_MATMULS:
     raise ValueError(f'grouped matmul implementation {implementation!r} not in '
                      f'{GROUPED_MATMULS}')
@@ -146,6 +161,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
     implementation = ('ragged_dot' if on_tpu or partitioning.activation_axis_size('expert') > 1
                       else 'blocked')
   if implementation == 'ragged_dot':
-    return jax.lax.ragged_dot(x, w, group_sizes)
+    return jax.lax.ragged_dot(x, quantization.as_float(w, x.dtype), group_sizes)
   block = block_size or block_size_for(x.shape[0], w.shape[0])
+  if quantization.is_quantized(w):
+    return _gmm(x, w, group_sizes.astype(jnp.int32), block)
   return blocked_grouped_matmul(x, w, group_sizes.astype(jnp.int32), block)

@@ -86,7 +86,9 @@ class Experts(nn.Module):
   grouped_matmul: str = 'auto'  # the dropless path's implementation (grouped_matmul.py)
   ia3: bool = False  # (IA)3's l_ff per expert: parameter `ia3_scale` [E, intermediate_dim]
 
-  def _kernels(self, d: int):
+  def _kernels(self, d: int, keep_int8: bool = False):
+    """wi (one per activation) and wo in self.dtype; with `keep_int8`, int8 QuantizedWeights
+    as they are (the single-device dropless path multiplies by them tile by tile)."""
     names = ['wi'] if len(self.activations) == 1 else [
         f'wi_{i}' for i in range(len(self.activations))]
     wi = [ExpertKernel((self.num_experts, d, self.intermediate_dim),
@@ -94,9 +96,13 @@ class Experts(nn.Module):
           for n in names]
     wo = ExpertKernel((self.num_experts, self.intermediate_dim, d),
                       ('expert', 'expert_mlp', 'embed'), self.param_dtype, name='wo')()
-    # int8 expert kernels (QuantizedWeight) are converted here, one layer's at a time.
-    as_float = functools.partial(quantization.as_float, dtype=self.dtype)
-    return [as_float(w) for w in wi], as_float(wo)
+    # int8 expert kernels (QuantizedWeight) are converted here, one layer's at a time, unless kept.
+    def read(w):
+      if keep_int8 and quantization.is_quantized(w):
+        return w
+      return quantization.as_float(w, self.dtype)
+
+    return [read(w) for w in wi], read(wo)
 
   def _hidden(self, projections, deterministic):
     hidden = None
@@ -112,7 +118,8 @@ class Experts(nn.Module):
     """x: [E, G, C, d] dispatched slots, or, with `group_sizes` [E], [N, d] rows sorted by
     expert (the dropless path), or, with `sharded_dispatch` (expert_parallel.make_dispatch), the
     [G, T, d] groups, which that callable moves to the experts' devices and back."""
-    wi, wo = self._kernels(x.shape[-1])
+    dropless_local = group_sizes is not None and sharded_dispatch is None
+    wi, wo = self._kernels(x.shape[-1], keep_int8=dropless_local)
     scale = None
     if self.ia3:
       scale = ia3.scale_vector(self, ia3.FF_SCALE, (self.num_experts, self.intermediate_dim),
