@@ -60,7 +60,7 @@ def test_inline_checkpoint_loads_into_t5_1_1_and_runs(fixtures_dir, scan):
   for name, value in expected.items():
     np.testing.assert_array_equal(np.asarray(ours[name]), value, err_msg=name)
   batch = helpers.seq2seq_batch(0, 2, 7, 5, 32)
-  logits = model.logits(params, batch)
+  logits = jax.jit(model.logits)(params, batch)
   assert logits.shape == (2, 5, 32128) and np.all(np.isfinite(logits))
 
 

@@ -78,7 +78,8 @@ def test_upcycled_layers_output_top1_probability_times_the_dense_mlp(tmp_path, f
     moe_params = {'router': {'router_weights': {'w': {'kernel': router}}},
                   'expert': {w: {'kernel': params[f'{prefix}expert/{w}/kernel']}
                              for w in ('wi_0', 'wi_1', 'wo')}}
-    out = np.asarray(layer.apply({'params': moe_params}, x, mutable=['moe'])[0])
+    out = np.asarray(jax.jit(lambda p, x: layer.apply({'params': p}, x, mutable=['moe'])[0])(
+        moe_params, x))
     # Closed form from the dense weights: p_top1(x) * wo(gelu(wi_0 x) * wi_1 x).
     logits = x @ router
     probs = np.exp(logits - logits.max(-1, keepdims=True))

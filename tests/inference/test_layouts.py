@@ -67,9 +67,15 @@ def reference(cfg):
   if cfg.position_embedding == 'relative':
     table = 3 * jax.random.normal(jax.random.key(1), (cfg.num_heads, 32))
   layer = DecoderLayer(cfg, cross_attention=False)
-  params = randomize_norms(nn.unbox(layer.init(jax.random.key(0), x,
-                                               *_layer_inputs(cfg, table)))['params'])
-  return params, table, x, flax_layer(cfg, params, table, x)
+
+  @jax.jit  # one program (run eagerly, init and apply compile a program per operation)
+  def build(x, table):
+    params = randomize_norms(nn.unbox(layer.init(jax.random.key(0), x,
+                                                 *_layer_inputs(cfg, table)))['params'])
+    return params, flax_layer(cfg, params, table, x)
+
+  params, out = build(x, table)
+  return params, table, x, out
 
 
 def reference_keys(cfg, params, x):

@@ -33,21 +33,25 @@ def config(**kw) -> TransformerConfig:
 def model_and_params(cfg):
   tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (B, T)), jnp.int32)
   model = DecoderOnly(cfg)
-  params = nn.unbox(model.init(jax.random.key(0), tokens))['params']
-  # Non-trivial norm scales (they start at one).
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, v: v * (1.5 + jnp.sin(jnp.arange(v.size).reshape(v.shape)))
-      if 'scale' in str(p[-1]) else v, params)
-  return model, params, tokens
+
+  @jax.jit  # one program (run eagerly, init compiles a program per operation)
+  def init(tokens):
+    params = nn.unbox(model.init(jax.random.key(0), tokens))['params']
+    # Non-trivial norm scales (they start at one).
+    return jax.tree_util.tree_map_with_path(
+        lambda p, v: v * (1.5 + jnp.sin(jnp.arange(v.size).reshape(v.shape)))
+        if 'scale' in str(p[-1]) else v, params)
+
+  return model, init(tokens), tokens
 
 
 def check_against_flax(mesh, cfg, layout, int8=False):
   model, params, tokens = model_and_params(cfg)
   ref_params = params
   if int8:
-    params = quantization.quantize_tree(params)
-    ref_params = quantization.dequantize_tree(params, jnp.float32)
-  expected = model.apply({'params': ref_params}, tokens)  # [B, T, V]
+    params = jax.jit(quantization.quantize_tree)(params)
+    ref_params = jax.jit(quantization.dequantize_tree, static_argnums=1)(params, jnp.float32)
+  expected = jax.jit(model.apply)({'params': ref_params}, tokens)  # [B, T, V]
   decoder = PartitionedDecoder(cfg, layout, mesh)
   placed = decoder.shard_params(params)
   cache = decoder.init_cache(B, S)

@@ -171,7 +171,8 @@ def test_block_sparse_empty_row_outputs_zero_and_skips_loads():
   got = jax.jit(kernel)(q, k, poisoned)
   # The same program on the same values read: bitwise equal.
   np.testing.assert_array_equal(np.asarray(got), np.asarray(out))
-  grads = jax.grad(lambda q, k, v: jnp.sum(kernel(q, k, v) * ct), argnums=(0, 1))(q, k, poisoned)
+  grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(kernel(q, k, v) * ct), argnums=(0, 1)))(
+      q, k, poisoned)
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 

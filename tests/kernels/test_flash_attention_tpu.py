@@ -182,8 +182,8 @@ def test_block_sparse_skips_blocks():
   poisoned = v.at[:, 128:].set(jnp.nan)
   # The same program on the same values read: bitwise equal.
   np.testing.assert_array_equal(np.asarray(jax.jit(fn)(q, k, poisoned, table)), np.asarray(out))
-  grads = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, table) * ct), argnums=(0, 1))(q, k,
-                                                                                      poisoned)
+  grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, table) * ct), argnums=(0, 1)))(
+      q, k, poisoned)
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
