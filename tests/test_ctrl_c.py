@@ -23,10 +23,21 @@ SUITE = [TRAINER_TESTS + name for name in (
 
 
 def test_ctrl_c_stops_the_suite_with_a_summary():
-  suite = subprocess.Popen(
-      [sys.executable, '-m', 'pytest', '-n', '1', '-q', '-p', 'no:cacheprovider', *SUITE],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      start_new_session=True)
+  # The child inherits an ignored SIGINT (SIG_IGN survives exec, a handler does not; Python
+  # keeps it ignored) and a blocked one (the signal mask survives exec): a worker in either
+  # state when this runs would start a suite deaf to Ctrl-C (seen twice in full-suite runs: the
+  # worker stopped its training run, the suite went on). A terminal's foreground job has
+  # neither; give the child that.
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+  try:
+    suite = subprocess.Popen(
+        [sys.executable, '-m', 'pytest', '-n', '1', '-q', '-p', 'no:cacheprovider', *SUITE],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    signal.signal(signal.SIGINT, inherited)
   output = []
   try:
     while True:  # until the first test result: workers are up and busy with JAX
@@ -42,5 +53,5 @@ def test_ctrl_c_stops_the_suite_with_a_summary():
     if suite.poll() is None:
       os.killpg(suite.pid, signal.SIGKILL)
   text = ''.join(output) + rest
-  assert suite.returncode == 2, text[-3000:]  # pytest's "interrupted"
+  assert suite.returncode == 2, (inherited, blocked, text[-3000:])  # pytest's "interrupted"
   assert 'KeyboardInterrupt' in text and ' passed' in text.splitlines()[-1], text[-3000:]
