@@ -78,26 +78,36 @@ def compiled_step(model, params, cache, tree: bool):
   return compiled, (params, cache, tokens, positions)
 
 
+def _memory(compiled) -> dict:
+  """Arguments (weights, KV cache) and scratch of a compiled call, from XLA's memory analysis."""
+  mem = compiled.memory_analysis()
+  return {'argument_bytes': mem.argument_size_in_bytes, 'temp_bytes': mem.temp_size_in_bytes,
+          'memory_bytes': mem.argument_size_in_bytes + mem.temp_size_in_bytes}
+
+
+def _round_robin_medians(calls: dict, repeats: int) -> dict:
+  """{name: median seconds} of compiled(*args) per name, after one warm-up call each, timed in
+  turns so that every variant sees the same machine load."""
+  for compiled, args in calls.values():
+    jax.block_until_ready(compiled(*args))
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, (compiled, args) in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
 def point(cfg, all_variants, batch: int, slots: int, repeats: int) -> dict:
   steps, out = {}, {}
   for name, (model, params, tree) in all_variants.items():
     cache = kv_cache.init_cache(model, params, batch, slots)
     compiled, args = compiled_step(model, params, cache, tree)
-    mem = compiled.memory_analysis()
-    out[name] = {'weight_bytes': quantization.weight_bytes(params),
-                 'argument_bytes': mem.argument_size_in_bytes,
-                 'temp_bytes': mem.temp_size_in_bytes,
-                 'memory_bytes': mem.argument_size_in_bytes + mem.temp_size_in_bytes}
+    out[name] = {'weight_bytes': quantization.weight_bytes(params), **_memory(compiled)}
     steps[name] = (compiled, args)
-    jax.block_until_ready(compiled(*args))
-  times = {name: [] for name in steps}
-  for _ in range(repeats):  # round robin: every variant sees the same machine load
-    for name, (compiled, args) in steps.items():
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      times[name].append(time.perf_counter() - start)
-  for name in steps:
-    out[name]['seconds'] = statistics.median(times[name])
+  for name, seconds in _round_robin_medians(steps, repeats).items():
+    out[name]['seconds'] = seconds
   for name, base in BASELINE.items():
     out[name]['memory_ratio'] = out[name]['memory_bytes'] / out[base]['memory_bytes']
     out[name]['time_ratio'] = out[name]['seconds'] / out[base]['seconds']
@@ -112,19 +122,10 @@ def prefill_point(all_variants, batch: int, length: int, slots: int, repeats: in
     cache = kv_cache.init_cache(model, params, batch, slots)
     args = (params, cache, jnp.ones((batch, length), jnp.int32), jnp.full((batch,), length))
     compiled = jax.jit(lambda *a, m=model: kv_cache.prefill(m, *a)).lower(*args).compile()
-    mem = compiled.memory_analysis()
-    out[name] = {'argument_bytes': mem.argument_size_in_bytes, 'temp_bytes': mem.temp_size_in_bytes,
-                 'memory_bytes': mem.argument_size_in_bytes + mem.temp_size_in_bytes}
+    out[name] = _memory(compiled)
     calls[name] = (compiled, args)
-    jax.block_until_ready(compiled(*args))
-  times = {name: [] for name in calls}
-  for _ in range(repeats):
-    for name, (compiled, args) in calls.items():
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      times[name].append(time.perf_counter() - start)
-  for name in calls:
-    out[name]['seconds'] = statistics.median(times[name])
+  for name, seconds in _round_robin_medians(calls, repeats).items():
+    out[name]['seconds'] = seconds
   out['int8']['memory_ratio'] = out['int8']['memory_bytes'] / out['float32']['memory_bytes']
   out['int8']['time_ratio'] = out['int8']['seconds'] / out['float32']['seconds']
   return out
